@@ -1,0 +1,1 @@
+"""fedblocks.device_runtime."""
