@@ -1,0 +1,228 @@
+"""Export-friendly replacements for torch layers, written with plain tensor ops.
+
+Why: the three on-device engines differ in what they can train.
+- ExecuTorch's `to_edge` rejects `_native_batch_norm_legit_functional` and its
+  portable BatchNorm kernel is inference-only; its portable conv backward is ~170x
+  slower than matmul (research/engines.md). LayerNorm / softmax / GELU / embedding
+  are also written with plain ops so every engine sees only mean, mul, rsqrt, exp,
+  matmul and friends.
+- Buffer mutation inside `forward` is handled differently by ONNX tracing, ORT
+  training, ExecuTorch and torch.export, so no module here mutates a buffer: a
+  training BatchNorm *records* its batch statistics on itself, the stage program
+  returns them as outputs, and the runtime applies
+  `running = (1 - momentum) * running + momentum * batch` (docs/formats.md).
+
+Every replacement keeps the parameter / buffer names of the torch layer it stands
+for (`weight`, `bias`, `running_mean`, `running_var`), so state dicts move between
+the two unchanged. `num_batches_tracked` is dropped: momentum is always a fixed
+number here (never the cumulative-average mode), so nothing reads it; load a
+torch BatchNorm state dict with `strict=False` or drop that key.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedblocks.export.errors import ExportError
+
+ENGINES = ("torch", "ort", "executorch")
+
+
+class ExplicitBatchNorm(nn.Module):
+    """BatchNorm over every dim but 1 (works for (N, C), (N, C, L), (N, C, H, W)).
+
+    Train mode: normalise with the batch mean and the biased batch variance,
+    computed with mean / mul / rsqrt, and record `(mean, unbiased var)` (detached)
+    in `self.batch_stats` for the stage program to return. Eval mode: use the
+    running statistics. Buffers are never written in `forward`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.batch_stats: tuple[Tensor, Tensor] | None = None
+
+    def _shape(self, x: Tensor) -> list[int]:
+        return [1, self.num_features] + [1] * (x.dim() - 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = self._shape(x)
+        if self.training:
+            dims = [0, *range(2, x.dim())]
+            n = x.numel() // self.num_features
+            mean = x.mean(dim=dims, keepdim=True)
+            centered = x - mean
+            var = (centered * centered).mean(dim=dims, keepdim=True)
+            normalized = centered * torch.rsqrt(var + self.eps)
+            # n - 1 == 0 gives inf/nan, as torch does; the model builders refuse such shapes.
+            self.batch_stats = (mean.detach().reshape(-1), (var.detach() * (n / max(n - 1, 1))).reshape(-1))
+        else:
+            normalized = (x - self.running_mean.reshape(shape)) * torch.rsqrt(
+                self.running_var.reshape(shape) + self.eps
+            )
+        return normalized * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+# Named aliases so model code reads like torch's.
+ExplicitBatchNorm2d = ExplicitBatchNorm
+ExplicitBatchNorm1d = ExplicitBatchNorm
+
+
+def apply_batch_stats(bn: ExplicitBatchNorm, mean: Tensor, var: Tensor) -> None:
+    """The runtime's running-stat update, for torch eager: running = (1-m)*running + m*batch."""
+    m = bn.momentum
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+        bn.running_var.mul_(1 - m).add_(var.to(bn.running_var.dtype), alpha=m)
+
+
+class ExplicitLayerNorm(nn.Module):
+    """LayerNorm over the last dim with mean / mul / rsqrt (names: weight, bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        centered = x - mean
+        var = (centered * centered).mean(dim=-1, keepdim=True)
+        return centered * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def explicit_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Softmax as exp / sum (max-shifted; the shift carries no gradient)."""
+    shifted = x - x.amax(dim=dim, keepdim=True).detach()
+    e = torch.exp(shifted)
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def explicit_gelu(x: Tensor) -> Tensor:
+    """GELU, tanh approximation, with mul / tanh only."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+class ExplicitEmbedding(nn.Module):
+    """Embedding as one_hot(x) @ weight: the backward is a matmul in every engine."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.weight = nn.Parameter(torch.randn(num_embeddings, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        classes = torch.arange(self.num_embeddings, device=x.device, dtype=x.dtype)
+        one_hot = (x.unsqueeze(-1) == classes).to(self.weight.dtype)
+        return one_hot @ self.weight
+
+
+class UnfoldConv2d(nn.Module):
+    """Conv2d as unfold + matmul (same `weight` / `bias` names and shapes as nn.Conv2d).
+
+    ExecuTorch's portable convolution_backward is extremely slow; routed this way
+    the backward is matmuls plus a fold. Supports groups (depthwise included).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> UnfoldConv2d:
+        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+            raise ExportError(f"UnfoldConv2d: padding {conv.padding!r} / mode {conv.padding_mode!r} not supported")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,  # type: ignore[arg-type]
+                  conv.padding, conv.dilation, conv.groups, conv.bias is not None)  # type: ignore[arg-type]
+        new.weight = conv.weight  # share: same Parameter object, same name
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        g = self.groups
+        if kh == 1 and kw == 1 and self.stride == (1, 1) and self.padding == (0, 0):
+            cols = x.reshape(n, x.shape[1], h * w)  # 1x1 conv: no unfold needed
+        else:
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, Cin*kh*kw, L)
+        cols = cols.reshape(n, g, cols.shape[1] // g, cols.shape[2])
+        weight = self.weight.reshape(g, self.out_channels // g, -1)  # (G, Cout/G, Cin/G*kh*kw)
+        out = torch.matmul(weight.unsqueeze(0), cols)  # (N, G, Cout/G, L)
+        out = out.reshape(n, self.out_channels, out_h, out_w)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        return out
+
+
+def _swap_modules(module: nn.Module, convert: dict[type, object]) -> None:
+    for name, child in list(module.named_children()):
+        fn = convert.get(type(child))
+        if fn is not None:
+            setattr(module, name, fn(child))  # type: ignore[operator]
+        else:
+            _swap_modules(child, convert)
+
+
+def batchnorm_to_explicit(bn: nn.modules.batchnorm._BatchNorm) -> ExplicitBatchNorm:
+    """An ExplicitBatchNorm with a torch BatchNorm's parameters and running stats (shared tensors)."""
+    if bn.momentum is None or not bn.affine or not bn.track_running_stats:
+        raise ExportError("BatchNorm with momentum=None, affine=False or no running stats is not supported")
+    new = ExplicitBatchNorm(bn.num_features, bn.eps, bn.momentum)
+    new.weight, new.bias = bn.weight, bn.bias
+    new.running_mean, new.running_var = bn.running_mean, bn.running_var  # type: ignore[assignment]
+    new.train(bn.training)
+    return new
+
+
+def rewrite_for_engine(module: nn.Module, engine: str) -> nn.Module:
+    """A deep copy of `module` with every layer the engine cannot train swapped out.
+
+    Parameter and buffer names are unchanged. All engines: torch BatchNorm ->
+    ExplicitBatchNorm (zoo models already use it). "executorch": nn.Conv2d ->
+    UnfoldConv2d as well. The input module is never modified; train / eval modes
+    of every submodule are preserved.
+    """
+    if engine not in ENGINES:
+        raise ExportError(f"unknown engine '{engine}': choose one of {', '.join(ENGINES)}")
+    out = copy.deepcopy(module)
+    convert: dict[type, object] = {
+        nn.BatchNorm1d: batchnorm_to_explicit,
+        nn.BatchNorm2d: batchnorm_to_explicit,
+    }
+    if engine == "executorch":
+        convert[nn.Conv2d] = UnfoldConv2d.from_conv
+    _swap_modules(out, convert)
+    return out
