@@ -25,7 +25,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedblocks.export.errors import ExportError
@@ -169,22 +168,34 @@ class UnfoldConv2d(nn.Module):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         kh, kw = self.kernel_size
-        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        # Zero padding by concatenation: its backward is a plain slice. (F.pad / F.unfold backward
+        # lower to constant_pad_nd with negative padding, which ExecuTorch's portable kernel rejects.)
+        if ph:
+            zeros = torch.zeros(n, c, ph, w, dtype=x.dtype, device=x.device)
+            x = torch.cat([zeros, x, zeros], dim=2)
+        if pw:
+            zeros = torch.zeros(n, c, x.shape[2], pw, dtype=x.dtype, device=x.device)
+            x = torch.cat([zeros, x, zeros], dim=3)
         g = self.groups
-        if kh == 1 and kw == 1 and self.stride == (1, 1) and self.padding == (0, 0):
-            cols = x.reshape(n, x.shape[1], h * w)  # 1x1 conv: no unfold needed
-        else:
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, Cin*kh*kw, L)
-        cols = cols.reshape(n, g, cols.shape[1] // g, cols.shape[2])
-        weight = self.weight.reshape(g, self.out_channels // g, -1)  # (G, Cout/G, Cin/G*kh*kw)
-        out = torch.matmul(weight.unsqueeze(0), cols)  # (N, G, Cout/G, L)
-        out = out.reshape(n, self.out_channels, out_h, out_w)
+        weight = self.weight.reshape(g, self.out_channels // g, c // g, kh * kw)
+        out: Tensor | None = None
+        # One matmul per kernel tap on a shifted, strided view: no kh*kw-times im2col buffer.
+        for i in range(kh):
+            for j in range(kw):
+                tap = x[:, :, i * dh: i * dh + sh * (out_h - 1) + 1: sh, j * dw: j * dw + sw * (out_w - 1) + 1: sw]
+                cols = tap.reshape(n, g, c // g, out_h * out_w)
+                term = torch.matmul(weight[:, :, :, i * kw + j].unsqueeze(0), cols)  # (N, G, Cout/G, L)
+                out = term if out is None else out + term
+        assert out is not None
+        result = out.reshape(n, self.out_channels, out_h, out_w)
         if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1)
-        return out
+            result = result + self.bias.reshape(1, -1, 1, 1)
+        return result
 
 
 def _swap_modules(module: nn.Module, convert: dict[type, object]) -> None:

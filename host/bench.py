@@ -1,0 +1,340 @@
+"""``fedblocks bench ...``: benchmarks. ``bench stage`` runs one stage program through the
+device runtime exactly as a phone would (job.json -> separate process -> result bundle)
+and, in the same run, times torch eager on the same stage, same weights, same batches,
+same thread count.
+
+Other benchmarks plug in as modules listed in BENCH_EXTENSIONS, each exposing
+``register_bench(bench_subparsers)``; a module that does not exist yet is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedblocks.host.errors import HostError
+
+BENCH_EXTENSIONS: tuple[str, ...] = ("fedblocks.host.bench_energy",)
+ENGINES = ("ort", "executorch", "torch")
+MIB = 1024 * 1024
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    bench = sub.add_parser("bench", help="benchmarks (stage programs through the device runtime vs torch eager)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    bsub.required = True
+    _register_stage(bsub)
+    for modname in BENCH_EXTENSIONS:
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue
+            raise
+        module.register_bench(bsub)
+
+
+def _register_stage(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("stage", help="one stage (or all) through the device runtime, side by side with torch eager")
+    p.add_argument("--model", default="resnet18", help="zoo model (default resnet18)")
+    p.add_argument("--stage", default="full",
+                   help="K (= grow-K, the single-block stage K), full, grow-K, shrink-K, or all (default full)")
+    p.add_argument("--engine", default="ort", choices=ENGINES, help="engine the runtime uses (default ort)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6, help="training steps per run (default 6; the first is warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="leading steps excluded from the median (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for every engine and torch eager (default: CPUs available)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input-shape", default="3,32,32", help="per-sample input shape (default 3,32,32)")
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="export cache (default $FEDBLOCKS_CACHE/bench-export or ~/.cache/fedblocks/bench-export)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=bench_stage_command)
+
+
+@dataclass
+class StageBenchRow:
+    model: str
+    stage: str
+    engine: str
+    batch_size: int
+    threads: int
+    steps: int
+    status: str
+    reason: str
+    step_ms: float | None  # runtime engine: median step time excluding warm-up
+    step_ms_min: float | None
+    step_ms_max: float | None
+    eager_ms: float | None  # torch eager, same stage, same batches
+    eager_ms_min: float | None
+    eager_ms_max: float | None
+    ratio: float | None  # step_ms / eager_ms
+    footprint_mib: float | None  # measured peak - baseline RSS
+    predicted_mib: float | None  # manifest: grads + optimizer state + activations
+    error_pct: float | None  # (measured - predicted) / predicted
+    baseline_mib: float | None
+    peak_mib: float | None
+    peak_source: str | None
+    model_load_s: float | None
+    energy_j: float | None
+    energy_source: str | None
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise HostError(f"--input-shape: expected comma-separated integers like 3,32,32, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise HostError(f"--input-shape: dimensions must be positive, got {text!r}")
+    return shape
+
+
+def resolve_stage_ids(requested: str, all_ids: list[str]) -> list[str]:
+    if requested == "all":
+        return list(all_ids)
+    sid = f"grow-{requested}" if requested.isdigit() else requested
+    if sid not in all_ids:
+        raise HostError(f"--stage {requested!r}: the model has no stage {sid!r} (it has: {', '.join(all_ids)}, all)")
+    return [sid]
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def bench_stage_command(args: argparse.Namespace) -> int:
+    from fedblocks.export.errors import ExportError
+
+    for name, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if value < 2:
+            raise HostError(f"{name} must be >= 2, got {value}")
+    if not 0 <= args.warmup < args.steps:
+        raise HostError(f"--warmup must be in [0, --steps), got {args.warmup}")
+    threads = args.threads or _available_cpus()
+    if threads < 1:
+        raise HostError(f"--threads must be >= 1, got {threads}")
+    try:
+        rows, env = bench_stages(args.model, args.stage, args.engine, args.batch_size, args.steps, args.warmup,
+                                 threads, args.num_classes, _parse_shape(args.input_shape), args.export_dir,
+                                 show_progress=not args.json)
+    except ExportError as exc:
+        raise HostError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=1))
+    else:
+        _print_table(rows, env)
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+def _export_dir(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    from fedblocks.host.data.dataset import cache_dir
+
+    return cache_dir() / "bench-export"
+
+
+def bench_stages(model: str, stage: str, engine: str, batch_size: int, steps: int, warmup: int, threads: int,
+                 num_classes: int, input_shape: tuple[int, ...], export_dir: Path | None,
+                 show_progress: bool = True) -> tuple[list[StageBenchRow], dict[str, Any]]:
+    """Export (cached), then per stage: runtime run in a separate process + torch eager in-process."""
+    from rich.progress import Progress
+
+    from fedblocks.export.pipeline import ExportSpec, build_blocked_model, export_model, stage_program
+    from fedblocks.export.stages import stage_ids
+
+    out = _export_dir(export_dir)
+    probe = build_blocked_model(ExportSpec(model, num_classes, input_shape, batch_size, engines=(engine,)))
+    sids = resolve_stage_ids(stage, stage_ids(probe))
+    spec = ExportSpec(model, num_classes, input_shape, batch_size, engines=(engine,), stages=tuple(sids))
+    env: dict[str, Any] = {"cpus": _available_cpus(), "threads": threads, "loadavg_start": os.getloadavg(),
+                           "python": sys.version.split()[0]}
+    rows: list[StageBenchRow] = []
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task(f"exporting {model} ({engine})", total=None)
+
+        def on_export(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"export {label}")
+
+        manifest = export_model(spec, out, on_export)
+        init_path = out / manifest.model.init_weights.path
+        with np.load(init_path, allow_pickle=False) as z:
+            init_all = {n: z[n] for n in z.files}
+        progress.update(task, total=len(sids), completed=0, description="benchmarking")
+        for sid in sids:
+            progress.update(task, description=f"{sid}: {engine} through the device runtime")
+            entry = manifest.stage(sid)
+            stage_dict = entry.to_dict()
+            with tempfile.TemporaryDirectory(prefix="fedblocks-bench-") as tmp:
+                work = Path(tmp)
+                data = synthetic_shard(stage_dict, steps, seed=0)
+                weights = {t["name"]: init_all[t["name"]] for t in (*stage_dict["trainable"], *stage_dict["state"])}
+                job = write_bench_job(work, f"bench-{sid}-{engine}", engine, stage_dict,
+                                      {role: out / ref.path for role, ref in entry.artifacts[engine].items()},
+                                      data, weights, steps, threads)
+                metrics, status, reason = run_runtime(job)
+                progress.update(task, description=f"{sid}: torch eager")
+                program = stage_program(build_blocked_model(spec), sid)
+                program.load_global_state(init_all, strict=False)
+                eager = time_torch_eager(program, stage_dict, data, steps, threads)
+            rows.append(_row(model, sid, engine, batch_size, threads, steps, warmup, status, reason, metrics, eager))
+            progress.advance(task)
+    env["loadavg_end"] = os.getloadavg()
+    return rows, env
+
+
+def synthetic_shard(stage: dict[str, Any], steps: int, seed: int) -> dict[str, np.ndarray]:
+    """steps * batch samples of the stage's inputs (normal floats; labels in [0, classes))."""
+    rng = np.random.default_rng(seed)
+    batch = stage["inputs"][0]["shape"][0]
+    n = batch * steps
+    out: dict[str, np.ndarray] = {}
+    for spec in stage["inputs"]:
+        shape = (n, *spec["shape"][1:])
+        if spec["dtype"].startswith("int"):
+            classes = 10 if spec["name"] == "y" else 2
+            out[spec["name"]] = rng.integers(0, classes, size=shape).astype(spec["dtype"])
+        else:
+            out[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
+    return out
+
+
+def write_bench_job(work: Path, job_id: str, engine: str, stage: dict[str, Any], artifacts: dict[str, Path],
+                    data: dict[str, np.ndarray], weights: dict[str, np.ndarray], steps: int, threads: int,
+                    momentum: float = 0.9, weight_decay: float = 5e-4, lr: float = 0.01) -> Path:
+    from fedblocks.device_runtime.job import sha256_file
+
+    np.savez(work / "shard.npz", **data)
+    np.savez(work / "init.npz", **weights)
+
+    def ref(path: Path) -> dict[str, str]:
+        return {"path": str(path), "sha256": sha256_file(path)}
+
+    job = {
+        "format": "fedblocks.job", "version": 1, "job_id": job_id, "engine": engine, "stage": stage,
+        "artifacts": {role: ref(p) for role, p in artifacts.items()},
+        "data": ref(work / "shard.npz"), "init_weights": ref(work / "init.npz"),
+        "training": {"epochs": None, "max_steps": steps, "batch_size": stage["inputs"][0]["shape"][0], "seed": 0,
+                     "threads": threads,
+                     "optimizer": {"name": "sgd", "lr": lr, "momentum": momentum, "weight_decay": weight_decay}},
+        "budget_mb": None, "meters": {"memory_hz": 50, "energy_hz": 10},
+        "output_dir": "result",
+    }
+    path = work / "job.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
+def run_runtime(job: Path) -> tuple[dict[str, Any], str, str]:
+    """`python -m fedblocks.device_runtime run job.json` in a separate process, as on a device."""
+    proc = subprocess.run([sys.executable, "-m", "fedblocks.device_runtime", "run", str(job)],
+                          capture_output=True, text=True, timeout=3600)
+    bundle = job.parent / "result"
+    try:
+        status = json.loads((bundle / "status.json").read_text())
+        metrics = json.loads((bundle / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}, "failed", f"runtime exited {proc.returncode} without a bundle: {proc.stderr.strip()[-300:]}"
+    return metrics, status["status"], status.get("reason", "")
+
+
+def time_torch_eager(program: Any, stage: dict[str, Any], data: dict[str, np.ndarray], steps: int,
+                     threads: int) -> list[float]:
+    """Per-step seconds of plain torch training on the stage program (SGD momentum 0.9, wd 5e-4)."""
+    import torch
+
+    from fedblocks.device_runtime.data import batch_indices
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        program.train()
+        params = [p for p in program.parameters() if p.requires_grad]
+        sgd = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        names = [t["name"] for t in stage["inputs"]]
+        batch = stage["inputs"][0]["shape"][0]
+        n = len(data[names[0]])
+        times: list[float] = []
+        for idx in batch_indices(n, batch, 0, None, steps):
+            inputs = [torch.from_numpy(data[name][idx]) for name in names]
+            t0 = time.monotonic()
+            sgd.zero_grad(set_to_none=True)
+            outputs = program(*inputs)
+            outputs[0].backward()
+            sgd.step()
+            program.apply_state_updates(tuple(o.detach() for o in outputs))
+            times.append(time.monotonic() - t0)
+        return times
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _stats_ms(values: list[float], warmup: int) -> tuple[float | None, float | None, float | None]:
+    timed = values[warmup:] or values
+    if not timed:
+        return None, None, None
+    return (round(statistics.median(timed) * 1000, 2), round(min(timed) * 1000, 2), round(max(timed) * 1000, 2))
+
+
+def _mib(v: Any) -> float | None:
+    return None if v is None else round(v / MIB, 1)
+
+
+def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int, warmup: int, status: str,
+         reason: str, metrics: dict[str, Any], eager: list[float]) -> StageBenchRow:
+    step_ms, step_min, step_max = _stats_ms(list(metrics.get("step_latency_s") or []), warmup)
+    eager_ms, eager_min, eager_max = _stats_ms(eager, warmup)
+    mem = metrics.get("memory") or {}
+    footprint, predicted = mem.get("footprint_bytes"), mem.get("predicted_footprint_bytes")
+    energy = metrics.get("energy") or {}
+    return StageBenchRow(
+        model=model, stage=sid, engine=engine, batch_size=batch, threads=threads, steps=steps, status=status,
+        reason=reason, step_ms=step_ms, step_ms_min=step_min, step_ms_max=step_max, eager_ms=eager_ms,
+        eager_ms_min=eager_min, eager_ms_max=eager_max,
+        ratio=round(step_ms / eager_ms, 3) if step_ms and eager_ms else None,
+        footprint_mib=_mib(footprint), predicted_mib=_mib(predicted),
+        error_pct=round(100 * (footprint - predicted) / predicted, 1) if footprint is not None and predicted else None,
+        baseline_mib=_mib(mem.get("baseline_rss_bytes")), peak_mib=_mib(mem.get("peak_rss_bytes")),
+        peak_source=mem.get("peak_source"), model_load_s=metrics.get("model_load_s"),
+        energy_j=energy.get("joules"), energy_source=energy.get("source"))
+
+
+def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"device runtime vs torch eager ({env['threads']} threads, {env['cpus']} CPUs, "
+                        f"load avg {env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f})")
+    for col in ("stage", "engine", "status", "step ms", "eager ms", "ratio", "footprint MiB", "predicted MiB",
+                "error %", "baseline MiB", "peak MiB", "load s"):
+        table.add_column(col, justify="left" if col in ("stage", "engine", "status") else "right")
+
+    def f(v: Any, spec: str = "") -> str:
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        table.add_row(r.stage, r.engine, r.status if r.status == "ok" else f"{r.status}: {r.reason[:60]}",
+                      f(r.step_ms, ".1f"), f(r.eager_ms, ".1f"), f(r.ratio, ".2f"), f(r.footprint_mib, ".1f"),
+                      f(r.predicted_mib, ".1f"), f(r.error_pct, "+.1f"), f(r.baseline_mib, ".1f"),
+                      f(r.peak_mib, ".1f"), f(r.model_load_s, ".2f"))
+    Console().print(table)
+    print("step ms: median excluding warm-up (min..max in --json); footprint = peak - baseline RSS of the "
+          "runtime's training process; predicted = manifest grads + optimizer state + activations")

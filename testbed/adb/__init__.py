@@ -1,0 +1,1 @@
+"""The ADB wire protocol (shared by the virtual adbd and the host backends)."""

@@ -1,0 +1,78 @@
+"""The processes a virtual phone runs: everything descending from its adbd.
+
+adbd makes itself a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so background jobs
+whose shell exited (``nohup ... &``) are re-parented to adbd instead of init and stay
+counted: the phone's processes are exactly the descendants of the adbd pid. Each direct
+child of adbd is the root of one "tree" (one shell command, or an orphaned job).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    state: str
+    cpu_ticks: int   # utime + stime
+    rss_bytes: int
+
+
+def read_proc(pid: int) -> ProcInfo | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # comm is in parentheses and may contain spaces or ')': split at the last ')'.
+    fields = raw[raw.rfind(b")") + 2:].split()
+    try:
+        return ProcInfo(pid, int(fields[1]), fields[0].decode(), int(fields[11]) + int(fields[12]),
+                        int(fields[21]) * PAGE_SIZE)
+    except (IndexError, ValueError):
+        return None
+
+
+def scan() -> dict[int, ProcInfo]:
+    procs: dict[int, ProcInfo] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = read_proc(int(entry))
+            if info is not None:
+                procs[info.pid] = info
+    return procs
+
+
+def trees(procs: dict[int, ProcInfo], root_pid: int) -> dict[int, list[ProcInfo]]:
+    """Direct child of ``root_pid`` -> every process in its subtree (itself included)."""
+    children: dict[int, list[int]] = {}
+    for info in procs.values():
+        children.setdefault(info.ppid, []).append(info.pid)
+    result: dict[int, list[ProcInfo]] = {}
+    for top in children.get(root_pid, []):
+        members: list[ProcInfo] = []
+        stack = [top]
+        while stack:
+            pid = stack.pop()
+            if pid in procs:
+                members.append(procs[pid])
+            stack.extend(children.get(pid, []))
+        result[top] = members
+    return result
+
+
+def descendants(root_pid: int) -> list[ProcInfo]:
+    return [p for members in trees(scan(), root_pid).values() for p in members]
+
+
+def become_subreaper() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0

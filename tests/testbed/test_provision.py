@@ -1,0 +1,188 @@
+"""Provisioning and inventory: the runtime push (cached), the readiness checks with the
+exact missing piece, device discovery, and the `fedblocks devices` / `testbed provision` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from fedblocks.host.cli import main as fedblocks_main
+from fedblocks.testbed.adb_backend import AdbDevice
+from fedblocks.testbed.cache import DeviceCache
+from fedblocks.testbed.device import sha256_file
+from fedblocks.testbed.inventory import adb_server_devices, discover_serials
+from fedblocks.testbed.keys import AdbKey
+from fedblocks.testbed.local_backend import LocalDevice
+from fedblocks.testbed.provision import (
+    RUNTIME_NAME,
+    build_runtime,
+    check_device,
+    provision_device,
+    runtime_remote_path,
+)
+
+
+def _path_without_python(tmp_path: Path) -> str:
+    """A PATH holding every host tool except python*: a phone without Python."""
+    bin_dir = tmp_path / "nopython-bin"
+    bin_dir.mkdir()
+    for folder in ("/usr/bin", "/bin"):
+        for tool in Path(folder).iterdir():
+            if not tool.name.startswith("python") and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    return str(bin_dir)
+
+
+def _python_wrapper(tmp_path: Path, body: str) -> str:
+    """A PATH whose python3/python run ``body`` (a sh script), everything else from the host."""
+    bin_dir = tmp_path / "fakepython-bin"
+    bin_dir.mkdir()
+    for name in ("python3", "python"):
+        script = bin_dir / name
+        script.write_text("#!/bin/sh\n" + body + "\n")
+        script.chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def test_no_python_on_path(tmp_path: Path) -> None:
+    device = LocalDevice(tmp_path / "dev", env={"PATH": _path_without_python(tmp_path)})
+    readiness = check_device(device, deep=False)
+    assert not readiness.ready
+    assert readiness.problems == [
+        "no python3 on PATH: install Python (Termux: pkg install python; see docs/testbed.md)"]
+
+
+def test_numpy_missing_and_no_engine(tmp_path: Path) -> None:
+    # -S: a python without site-packages, so neither numpy nor any engine imports
+    device = LocalDevice(tmp_path / "dev",
+                         env={"PATH": _python_wrapper(tmp_path, f'exec {sys.executable} -S "$@"')})
+    readiness = check_device(device, deep=True)
+    assert readiness.python == "python3"
+    assert "numpy missing: python3 -m pip install numpy" in readiness.problems
+    assert any(p.startswith("no engine: install one of executorch") for p in readiness.problems)
+    assert "runtime not pushed: run fedblocks testbed provision" in readiness.problems
+
+
+def test_python_too_old(tmp_path: Path) -> None:
+    # a python that claims 3.8: the probe's JSON is what the device says
+    probe = ('printf \'FEDBLOCKS_PROBE {"python": "3.8.10", "numpy": "1.24.0", '
+             '"engines": {"torch": {"ok": true, "version": "2.0", "error": null}}}\\n\'')
+    device = LocalDevice(tmp_path / "dev", env={"PATH": _python_wrapper(tmp_path, probe)})
+    readiness = check_device(device, deep=False)
+    assert readiness.usable_engines == ["torch"]
+    assert "python3 is 3.8.10; the runtime needs Python >= 3.11" in readiness.problems
+
+
+def test_garbage_probe_output_is_not_trusted(tmp_path: Path) -> None:
+    device = LocalDevice(tmp_path / "dev", env={"PATH": _python_wrapper(tmp_path, "echo FEDBLOCKS_PROBE [1,2")})
+    readiness = check_device(device, deep=False)
+    assert not readiness.ready
+    assert readiness.python_version is None and readiness.engines == {}
+
+
+def test_broken_python(tmp_path: Path) -> None:
+    device = LocalDevice(tmp_path / "dev",
+                         env={"PATH": _python_wrapper(tmp_path, "echo 'Segmentation fault' >&2; exit 139")})
+    readiness = check_device(device, deep=False)
+    assert readiness.problems == ["python3 does not run: Segmentation fault"]
+
+
+def test_provision_virtual_phone_then_cached(virtual_phone: object, adb_key: AdbKey, tmp_path: Path) -> None:
+    runtime = build_runtime(tmp_path)
+    digest = sha256_file(runtime)
+    with AdbDevice.connect(virtual_phone.serial, keys=[adb_key]) as device:  # type: ignore[attr-defined]
+        device.remove(runtime_remote_path(device))
+        cache = DeviceCache(device)
+        readiness = provision_device(device, runtime, digest, cache)
+        assert readiness.ready, readiness.problems
+        assert readiness.runtime_current and readiness.runtime_sha256 == digest
+        assert readiness.runtime_path == f"{device.base_dir}/{RUNTIME_NAME}"
+        # the virtual phone runs the host's venv python: every engine imports for real
+        assert set(readiness.usable_engines) == {"executorch", "torch", "ort"}
+        assert cache.stats.pushes == 1
+        # provisioning again pushes nothing (same runtime, fresh cache instance)
+        again = DeviceCache(device)
+        again.ensure(runtime, digest)
+        assert again.stats.pushes == 0 and again.stats.hits == 1
+        quick = check_device(device, deep=False, runtime_sha256=digest)
+        assert quick.ready
+        # a changed runtime on the host makes the device's copy out of date
+        stale = check_device(device, deep=False, runtime_sha256="f" * 64)
+        assert stale.problems == ["runtime out of date: run fedblocks testbed provision"]
+        # and the pushed runtime really starts on the phone
+        res = device.shell(["python3", readiness.runtime_path, "--help"])
+        assert res.exit_code == 0 and "fedblocks-runtime" in res.stdout
+
+
+def test_discovery_order_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", "1")  # no adb server there
+    monkeypatch.setenv("FEDBLOCKS_DEVICES", " 127.0.0.1:7001, local:/tmp/x ,127.0.0.1:7001,")
+    assert discover_serials() == ["127.0.0.1:7001", "local:/tmp/x"]
+    assert discover_serials(["a:1", "b:2", "a:1"]) == ["a:1", "b:2"]
+
+
+def test_adb_server_protocol(monkeypatch: pytest.MonkeyPatch, pick_port: object) -> None:
+    """A stand-in adb server answering host:devices exactly as adb 29 does."""
+    port = pick_port()  # type: ignore[operator]
+    server = socket.create_server(("127.0.0.1", port))
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            length = int(conn.recv(4), 16)
+            requests.append(conn.recv(length))
+            payload = b"emulator-5554\tdevice\n192.168.1.7:5555\tdevice\nR58M123\tunauthorized\n"
+            conn.sendall(b"OKAY" + b"%04x" % len(payload) + payload)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", str(port))
+    monkeypatch.setenv("FEDBLOCKS_DEVICES", "127.0.0.1:7001")
+    assert discover_serials() == ["emulator-5554", "192.168.1.7:5555", "127.0.0.1:7001"]
+    thread.join(5)
+    server.close()
+    assert requests == [b"host:devices"]
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", "1")
+    assert adb_server_devices() == []
+
+
+def test_devices_and_provision_cli(virtual_phone: object, adb_key: AdbKey, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                   pick_port: object) -> None:
+    monkeypatch.setenv("FEDBLOCKS_ADB_KEY", str(adb_key.path))
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", "1")
+    serial = virtual_phone.serial  # type: ignore[attr-defined]
+    dead = f"127.0.0.1:{pick_port()}"  # type: ignore[operator]
+    monkeypatch.setenv("FEDBLOCKS_DEVICES", f"{serial},{dead}")
+
+    assert fedblocks_main(["devices", "--json"]) == 0
+    rows = {row["serial"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {serial, dead}
+    assert rows[serial]["reachable"] and rows[serial]["properties"]["model"] == "Virtual M4"
+    assert rows[serial]["properties"]["ram_mb"] == 4096
+    assert not rows[dead]["reachable"] and "cannot connect" in rows[dead]["error"]
+
+    assert fedblocks_main(["testbed", "provision", "--serial", serial, "--json"]) == 0
+    [outcome] = json.loads(capsys.readouterr().out)
+    assert outcome["ready"] and outcome["readiness"]["runtime_path"].endswith(RUNTIME_NAME)
+
+    assert fedblocks_main(["devices", "--serial", serial]) == 0
+    table = capsys.readouterr().out
+    assert "Virtual M4" in table and "yes" in table
+
+    # nothing to provision: one line, exit 2
+    monkeypatch.setenv("FEDBLOCKS_DEVICES", "")
+    assert fedblocks_main(["testbed", "provision"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no devices to provision" in err
+    # an unreachable device: a readiness line saying why, exit 1
+    assert fedblocks_main(["testbed", "provision", "--serial", dead]) == 1
+    assert f"{dead}: unreachable: cannot connect" in capsys.readouterr().out
+    os.environ.pop("FEDBLOCKS_DEVICES", None)
