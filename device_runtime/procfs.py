@@ -12,6 +12,7 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 class MemoryReading:
     rss_bytes: int  # VmRSS: resident now
     hwm_bytes: int  # VmHWM: peak resident since start or since the last clear_refs reset
+    anon_bytes: int | None = None  # RssAnon: heap/stack/anonymous mappings (no code or file pages)
 
 
 def read_memory(pid: int | str = "self") -> MemoryReading | None:
@@ -21,15 +22,14 @@ def read_memory(pid: int | str = "self") -> MemoryReading | None:
             text = f.read().decode("ascii", "replace")
     except OSError:
         return None
-    rss = hwm = None
+    fields: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-        elif line.startswith("VmHWM:"):
-            hwm = int(line.split()[1]) * 1024
-    if rss is None or hwm is None:
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "VmHWM", "RssAnon"):
+            fields[key] = int(line.split()[1]) * 1024
+    if "VmRSS" not in fields or "VmHWM" not in fields:
         return None
-    return MemoryReading(rss_bytes=rss, hwm_bytes=hwm)
+    return MemoryReading(rss_bytes=fields["VmRSS"], hwm_bytes=fields["VmHWM"], anon_bytes=fields.get("RssAnon"))
 
 
 def reset_peak(pid: int | str = "self") -> bool:

@@ -81,6 +81,7 @@ def empty_metrics() -> dict[str, Any]:
         "epochs_completed": 0.0, "loss": [], "step_latency_s": [], "step_latency_median_s": None,
         "data_load_s": None, "model_load_s": None, "train_s": None, "wall_s": None, "cpu_s": None,
         "memory": {"baseline_rss_bytes": None, "peak_rss_bytes": None, "footprint_bytes": None,
+                   "baseline_anon_bytes": None, "peak_anon_bytes": None, "footprint_anon_bytes": None,
                    "predicted_footprint_bytes": None, "predicted_total_bytes": None, "peak_source": None, "peak_reset": None,
                    "sample_hz": None, "achieved_hz": None, "samples": 0, "budget_bytes": None,
                    "budget_applies_to": None, "kill_usage_bytes": None, "timeline": []},
@@ -224,6 +225,14 @@ def _fill_metrics(job: Job, sup: Supervision, sampler: meters.SysfsSampler,
             candidates.append(int(hwm))
             peak_source = "vmhwm"
     peak = max(candidates) if candidates else None
+    # Anonymous memory only (sampled; no kernel peak counter): excludes code pages of the engine's
+    # libraries that the first step faults in, which VmRSS counts and the prediction does not.
+    anon_base = loaded.get("baseline_anon_bytes")
+    anon_window = [a for t, a in sup.anon_samples if start <= t <= end]
+    anon_peak = max(anon_window) if anon_window else None
+    mem.update(baseline_anon_bytes=anon_base, peak_anon_bytes=anon_peak,
+               footprint_anon_bytes=(anon_peak - anon_base) if anon_peak is not None and anon_base is not None
+               else None)
     mem.update(baseline_rss_bytes=baseline, peak_rss_bytes=peak, peak_source=peak_source, peak_reset=peak_reset,
                footprint_bytes=(peak - baseline) if peak is not None and baseline is not None else None,
                samples=len(sup.rss_samples), kill_usage_bytes=sup.kill_usage_bytes,

@@ -69,6 +69,7 @@ class Supervision:
     ended_t: float
     events: list[dict[str, Any]]
     rss_samples: list[tuple[float, int]] = field(default_factory=list)  # (monotonic t, VmRSS bytes)
+    anon_samples: list[tuple[float, int]] = field(default_factory=list)  # (monotonic t, RssAnon bytes)
     hwm_after_load: int | None = None  # highest VmHWM sampled after the post-load reset
     cpu_s_last: float | None = None
     killed_for: str | None = None  # "budget" | "timeout"
@@ -107,6 +108,8 @@ def supervise(cmd: list[str], progress_path: Path, log_path: Path, memory_hz: fl
                 result.cpu_s_last = cpu
             if mem is not None:
                 result.rss_samples.append((now, mem.rss_bytes))
+                if mem.anon_bytes is not None:
+                    result.anon_samples.append((now, mem.anon_bytes))
                 if loaded:
                     result.hwm_after_load = max(result.hwm_after_load or 0, mem.hwm_bytes)
                 if budget is not None:

@@ -79,7 +79,8 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
     mem = procfs.read_memory("self")
     planned = steps_planned(num_samples, job.stage.batch_size, job.training.epochs, job.training.max_steps)
     progress.emit("loaded", data_load_s=data_load_s, model_load_s=model_load_s,
-                  baseline_rss_bytes=mem.rss_bytes if mem else None, peak_reset=peak_reset,
+                  baseline_rss_bytes=mem.rss_bytes if mem else None,
+                  baseline_anon_bytes=mem.anon_bytes if mem else None, peak_reset=peak_reset,
                   cpu_s=procfs.cpu_seconds("self"), engine_version=engine_version(job.engine),
                   num_samples=num_samples, steps_planned=planned)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedblocks.export.stages import StageProgram

@@ -92,7 +92,8 @@ class ParamReader:
             lo = "(" if exclusive_min else "["
             raise self.error(key, f"must be {what} in {lo}{_fmt(min)}, {_fmt(max)}], got {v!r}")
         if max is not None and v > max:
-            where = f"<= {_fmt(max)}" if min is None else f"in [{_fmt(min)}, {_fmt(max)}]"
+            lo = "(" if exclusive_min else "["
+            where = f"<= {_fmt(max)}" if min is None else f"in {lo}{_fmt(min)}, {_fmt(max)}]"
             raise self.error(key, f"must be {what} {where}, got {v!r}")
 
     @overload

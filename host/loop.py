@@ -770,11 +770,12 @@ def _job_row(rnd: int, j: _JobResult, exp: Experiment, stage_id: str, serial: st
         metrics_json=json.dumps(m, default=_json_default) if m else None)
 
 
-def run_experiment(config: Any, run_dir: Path, resume: bool = False,
-                   progress: Progress | None = None) -> RunSummary:
+def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: Progress | None = None,
+                   wrap_executor: Callable[[ClientExecutor], ClientExecutor] | None = None) -> RunSummary:
     """Run (or resume) one experiment into `run_dir`; returns its summary (also written to summary.json).
 
     `config`: an ExperimentConfig (host/config.py) or an already resolved RunSettings.
+    `wrap_executor`: optional hook around each client executor (fault injection, instrumentation).
     """
     from fedblocks.host.store import RoundRow, StageRow
 
@@ -805,6 +806,8 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False,
     status = "failed"
     try:
         build_executors(exp, progress)
+        if wrap_executor is not None:
+            exp.executors = {cid: wrap_executor(ex) for cid, ex in exp.executors.items()}
         runner = RoundRunner(exp, recorder, progress)
         progress.run_started(settings.rounds, f"{settings.strategy} on {settings.testbed}")
         stages_seen = recorder.stages()

@@ -38,7 +38,7 @@ ENGINE_PROBES: dict[str, tuple[str, tuple[str, ...], str]] = {
 # Runs ON the device with its python3: prints one JSON line. Only stdlib at top level;
 # each probe is isolated so one broken engine cannot hide the others.
 _PROBE = r"""
-import json, sys, importlib, importlib.util, importlib.metadata as md
+import json, sys, subprocess, importlib.util, importlib.metadata as md
 deep = sys.argv[1] == "deep"
 probes = json.loads(sys.argv[2])
 out = {"python": "%d.%d.%d" % sys.version_info[:3], "executable": sys.executable, "numpy": None,
@@ -48,6 +48,7 @@ try:
     out["numpy"] = numpy.__version__
 except Exception as exc:
     out["numpy_error"] = "%s: %s" % (type(exc).__name__, exc)
+children = {}
 for name, (module, dists) in probes.items():
     version = None
     for dist in dists:
@@ -57,17 +58,34 @@ for name, (module, dists) in probes.items():
         except Exception:
             pass
     entry = {"version": version, "ok": False, "error": None}
-    try:
-        if deep:
-            importlib.import_module(module)
-            entry["ok"] = True
-        else:
-            entry["ok"] = importlib.util.find_spec(module.split(".")[0]) is not None and version is not None
-            if not entry["ok"]:
-                entry["error"] = "not installed"
-    except BaseException as exc:
-        entry["error"] = ("%s: %s" % (type(exc).__name__, exc))[:300]
     out["engines"][name] = entry
+    if deep:
+        # each import in its own process, all at once: a crashing native wheel cannot take
+        # the probe down, and the slow imports (seconds each) overlap
+        # (same interpreter flags as this python: the child must see what the runtime sees)
+        flags = subprocess._args_from_interpreter_flags()
+        children[name] = subprocess.Popen([sys.executable, *flags, "-c", "import " + module],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    else:
+        entry["ok"] = importlib.util.find_spec(module.split(".")[0]) is not None and version is not None
+        if not entry["ok"]:
+            entry["error"] = "not installed"
+for name, child in children.items():
+    entry = out["engines"][name]
+    try:
+        _, err = child.communicate(timeout=float(sys.argv[3]))
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        entry["error"] = "import did not finish within %s s" % sys.argv[3]
+        continue
+    lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+    if child.returncode == 0:
+        entry["ok"] = True
+    elif child.returncode < 0:
+        entry["error"] = "import crashed (signal %d)" % -child.returncode
+    else:
+        entry["error"] = (lines[-1] if lines else "exit %d" % child.returncode)[:300]
 print("FEDBLOCKS_PROBE " + json.dumps(out))
 """
 
@@ -138,7 +156,7 @@ def check_device(device: Device, *, deep: bool, runtime_sha256: str | None = Non
         r.problems.append(f"unexpected answer looking for python: {res.stdout[:80]!r}")
         return r
     probes = {name: [module, list(dists)] for name, (module, dists, _) in ENGINE_PROBES.items()}
-    cmd = [r.python, "-c", _PROBE, "deep" if deep else "quick", json.dumps(probes)]
+    cmd = [r.python, "-c", _PROBE, "deep" if deep else "quick", json.dumps(probes), str(int(timeout_s - 10))]
     res = device.shell(cmd, timeout_s, idempotent=True)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("FEDBLOCKS_PROBE ")), None)
     if res.exit_code != 0 or line is None:
@@ -212,8 +230,9 @@ def _version_tuple(text: str | None) -> tuple[int, int] | None:
 
 
 def provision_device(device: Device, runtime: Path, runtime_sha256: str | None = None,
-                     cache: DeviceCache | None = None) -> Readiness:
-    """Push the runtime (cached) to its stable path, then run the deep readiness check."""
+                     cache: DeviceCache | None = None, *, deep: bool = True) -> Readiness:
+    """Push the runtime (cached) to its stable path, then check readiness (``deep``:
+    import every engine for real, seconds each; the CLI always does)."""
     digest = runtime_sha256 or sha256_file(runtime)
     cache = cache or DeviceCache(device)
     cached = cache.ensure(runtime, digest)
@@ -221,7 +240,7 @@ def provision_device(device: Device, runtime: Path, runtime_sha256: str | None =
     tmp = f"{remote}.tmp"
     device.shell(f"cp -f {shlex.quote(cached)} {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} "
                  f"{shlex.quote(remote)}", 60, idempotent=True).check(f"install {RUNTIME_NAME}")
-    return check_device(device, deep=True, runtime_sha256=digest)
+    return check_device(device, deep=deep, runtime_sha256=digest)
 
 
 @dataclass

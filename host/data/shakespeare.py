@@ -47,21 +47,35 @@ def decode(ids: np.ndarray) -> str:
     return "".join(CLASS_NAMES[i] if 0 < i <= len(LEAF_LETTERS) else "" for i in ids.tolist())
 
 
+def windows(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, stride: int = STRIDE
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples of many snippets laid end to end in ``ids`` (snippet j = ids[starts[j]:starts[j]+lengths[j]]).
+
+    Returns (windows (k, SEQ_LEN) int64, labels (k,) int64, snippet index (k,)), in snippet
+    order and, within a snippet, in text order. Vectorised: 16,000 snippets take ~0.1 s.
+    """
+    counts = np.where(lengths >= 2, (lengths - 2) // stride + 1, 0)  # ceil((n - 1) / stride)
+    snippet = np.repeat(np.arange(lengths.shape[0]), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    k = np.arange(snippet.shape[0]) - first  # 0..count-1 within the snippet
+    target = lengths[snippet] - 1 - (counts[snippet] - 1 - k) * stride
+    pos = starts[snippet] + target
+    gather = pos[:, None] - SEQ_LEN + np.arange(SEQ_LEN)[None, :]
+    inside = gather >= starts[snippet][:, None]
+    out = np.where(inside, ids[np.maximum(gather, 0)], PAD_ID).astype(np.int64)
+    return out, ids[pos].astype(np.int64), snippet
+
+
 def snippet_samples(ids: np.ndarray, stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray]:
     """(windows (k, SEQ_LEN), next-char labels (k,)) for one snippet's ids."""
-    n = ids.shape[0]
-    if n < 2:
-        return np.zeros((0, SEQ_LEN), np.int64), np.zeros((0,), np.int64)
-    targets = np.arange(n - 1, 0, -stride)[::-1]
-    padded = np.concatenate([np.full(SEQ_LEN, PAD_ID, np.int64), ids])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, SEQ_LEN)[targets]  # padded[t : t+SEQ_LEN]
-    return np.ascontiguousarray(windows), ids[targets]
+    x, y, _ = windows(ids, np.array([0]), np.array([ids.shape[0]]), stride)
+    return x, y
 
 
 def _read_roles(path: Path, stride: int) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     names: list[str] = []
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
+    texts: list[str] = []
+    role_of: list[int] = []
     try:
         with h5py.File(path, "r") as f:
             if "examples" not in f:
@@ -69,21 +83,23 @@ def _read_roles(path: Path, stride: int) -> tuple[list[str], list[np.ndarray], l
             examples = f["examples"]
             for role in sorted(examples.keys()):
                 group = examples[role]
-                if "snippets" not in group:
+                if not isinstance(group, h5py.Group) or "snippets" not in group:
                     raise HostError(f"{path}: role '{role}' has no 'snippets' dataset")
-                snippets = group["snippets"][()]
-                role_x, role_y = [], []
-                for snippet in np.atleast_1d(snippets):
+                for snippet in np.atleast_1d(group["snippets"][()]):
                     if not isinstance(snippet, bytes | np.bytes_):
                         raise HostError(f"{path}: role '{role}' snippets must be byte strings")
-                    wx, wy = snippet_samples(encode(bytes(snippet).decode("utf-8", "replace")), stride)
-                    role_x.append(wx)
-                    role_y.append(wy)
+                    texts.append(bytes(snippet).decode("utf-8", "replace"))
+                    role_of.append(len(names))
                 names.append(role)
-                xs.append(np.concatenate(role_x) if role_x else np.zeros((0, SEQ_LEN), np.int64))
-                ys.append(np.concatenate(role_y) if role_y else np.zeros((0,), np.int64))
     except OSError as exc:
         raise HostError(f"{path}: cannot read the Shakespeare h5 file ({exc})") from None
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    x, y, snippet = windows(encode("".join(texts)), starts, lengths, stride)
+    role = np.asarray(role_of, dtype=np.int64)[snippet]
+    bounds = np.searchsorted(role, np.arange(len(names) + 1))  # samples are grouped by role
+    xs = [x[bounds[r]:bounds[r + 1]] for r in range(len(names))]
+    ys = [y[bounds[r]:bounds[r + 1]] for r in range(len(names))]
     return names, xs, ys
 
 

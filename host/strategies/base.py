@@ -11,7 +11,6 @@ to `aggregate`, reports metrics to `after_round`, and evaluates the sub-model
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ import numpy as np
 
 from fedblocks.device_runtime.spec import StageSpec
 from fedblocks.host.aggregate import ClientUpdate, fedavg
-from fedblocks.host.errors import HostError
 
 
 @dataclass(frozen=True)
@@ -109,50 +107,6 @@ class StrategyContext:
     model: Any = None  # the BlockedModel (for strategies that need its layout, e.g. NeuLite's projection heads)
     # (global weights, EvalTarget, x) -> logits; the host's torch model (ProFL teachers)
     logits_fn: Callable[[Mapping[str, np.ndarray], EvalTarget, np.ndarray], np.ndarray] | None = None
-
-
-class ParamError(HostError):
-    pass
-
-
-class Params:
-    """Typed reads from the config's `[strategy.params]` table; unknown keys are an error."""
-
-    def __init__(self, strategy: str, params: Mapping[str, Any]) -> None:
-        self.strategy = strategy
-        self.params = dict(params)
-        self.used: set[str] = set()
-
-    def _get(self, key: str, default: Any) -> Any:
-        self.used.add(key)
-        return self.params.get(key, default)
-
-    def number(self, key: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
-        v = self._get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
-            raise ParamError(f"strategy.params.{key}: must be a number, got {v!r}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise ParamError(f"strategy.params.{key}: must be in [{lo}, {hi}], got {v!r}")
-        return float(v)
-
-    def integer(self, key: str, default: int | None, lo: int = 0) -> int | None:
-        v = self._get(key, default)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ParamError(f"strategy.params.{key}: must be an integer >= {lo}, got {v!r}")
-        return int(v)
-
-    def choice(self, key: str, default: str, options: Sequence[str]) -> str:
-        v = self._get(key, default)
-        if v not in options:
-            raise ParamError(f"strategy.params.{key}: must be one of {', '.join(options)}, got {v!r}")
-        return str(v)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.params) - self.used)
-        if unknown:
-            raise ParamError(f"strategy.params.{unknown[0]}: unknown parameter for strategy '{self.strategy}'")
 
 
 def select_clients(eligible: Sequence[ClientInfo], fraction: float, total_clients: int, seed: int,

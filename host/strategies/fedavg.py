@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from fedblocks.host.strategies.base import ClientInfo, Params, RoundPlan, Strategy, StrategyContext
+from fedblocks.host.config import ParamReader
+from fedblocks.host.strategies.base import ClientInfo, RoundPlan, Strategy, StrategyContext
 
 FULL_STAGE = "full"
 
@@ -23,7 +24,7 @@ class FedAvg(Strategy):
 
     def __init__(self, params: Mapping[str, Any], ctx: StrategyContext) -> None:
         super().__init__(params, ctx)
-        Params(self.name, params).finish()
+        ParamReader(params, "strategy").unknown_keys_error()
 
     def required_stages(self) -> list[str]:
         return [FULL_STAGE]

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from fedblocks.host.config import ParamReader
 from fedblocks.host.errors import HostError
 from fedblocks.host.strategies.base import (
     ClientInfo,
     EvalTarget,
-    Params,
     RoundPlan,
     Strategy,
     StrategyContext,
@@ -43,11 +43,11 @@ class NeuLite(Strategy):
 
     def __init__(self, params: Mapping[str, Any], ctx: StrategyContext) -> None:
         super().__init__(params, ctx)
-        p = Params(self.name, params)
-        self.lambda1 = p.number("lambda1", 0.01, lo=0.0)
-        self.lambda2 = p.number("lambda2", 0.1, lo=0.0)
-        self.schedule = p.choice("schedule", "progressive", ("progressive", "round_robin"))
-        p.finish()
+        p = ParamReader(params, "strategy")
+        self.lambda1 = p.float("lambda1", 0.01, min=0.0)
+        self.lambda2 = p.float("lambda2", 0.1, min=0.0)
+        self.schedule = p.str("schedule", "progressive", choices=("progressive", "round_robin"))
+        p.unknown_keys_error()
         self.stage_list = [f"neulite-{k}" for k in range(1, ctx.num_blocks + 1)]
         for sid in self.stage_list:
             if sid not in ctx.stages:

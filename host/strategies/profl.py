@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from fedblocks.host.config import ParamReader
 from fedblocks.host.convergence import EffectiveMovementTracker
 from fedblocks.host.errors import HostError
 from fedblocks.host.strategies.base import (
     ClientInfo,
     EvalTarget,
-    Params,
     RoundPlan,
     Strategy,
     StrategyContext,
@@ -60,17 +60,18 @@ class ProFL(Strategy):
 
     def __init__(self, params: Mapping[str, Any], ctx: StrategyContext) -> None:
         super().__init__(params, ctx)
-        p = Params(self.name, params)
-        self.em_window = int(p.integer("em_window", 6, lo=1) or 6)
-        self.em_threshold = p.number("em_threshold", 0.25, lo=0.0, hi=1.0)
-        self.min_rounds = int(p.integer("min_rounds_per_block", self.em_window + 1, lo=1) or 1)
-        max_rounds = p._get("max_rounds_per_block", "auto")
-        if max_rounds != "auto" and (isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1):
-            raise HostError(f"strategy.params.max_rounds_per_block: must be 'auto' or an integer >= 1, got {max_rounds!r}")
-        self.max_rounds_param: int | None = None if max_rounds == "auto" else int(max_rounds)
-        self.shrink_rounds = int(p.integer("shrink_rounds", 1, lo=0) or 0)
-        self.shrink_lr = p.number("shrink_lr", ctx.training.lr, lo=0.0)
-        p.finish()
+        p = ParamReader(params, "strategy")
+        self.em_window = p.int("em_window", 6, min=1)
+        self.em_threshold = p.float("em_threshold", 0.25, min=0.0, max=1.0)
+        self.min_rounds = p.int("min_rounds_per_block", self.em_window + 1, min=1)
+        self.max_rounds_param: int | None = None
+        if p.has("max_rounds_per_block") and p.section["max_rounds_per_block"] != "auto":
+            self.max_rounds_param = p.int("max_rounds_per_block", min=1)
+        else:
+            p.str("max_rounds_per_block", "auto", choices=("auto",))
+        self.shrink_rounds = p.int("shrink_rounds", 1, min=0)
+        self.shrink_lr = p.float("shrink_lr", ctx.training.lr, min=0.0, exclusive_min=True)
+        p.unknown_keys_error()
         k_total = ctx.num_blocks
         phases: list[Phase] = []
         if self.shrink_rounds > 0:

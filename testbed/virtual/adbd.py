@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ..adb import protocol as p
 from . import proctree
 from .lmk import MemoryKiller
+from .namespace import enter_phone_namespace
 from .profiles import PhoneProfile
 from .sandbox import Sandbox
 from .sysfs import SysfsModel
@@ -465,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = DaemonConfig.from_json(Path(args.config).read_text())
     daemon = AdbDaemon(config)
+    # Before any thread exists: unshare/chroot apply to the calling thread only.
+    if enter_phone_namespace(daemon.sandbox.real_root, config.root.parent / "nsroot"):
+        daemon.sandbox.mode = "namespace"
+    log(f"path mapping: {daemon.sandbox.mode}")
     try:
         daemon.bind()
     except OSError as exc:
@@ -476,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    print(f"READY {config.host}:{config.port}", flush=True)
+    print(f"READY {config.host}:{config.port} {daemon.sandbox.mode}", flush=True)
     daemon.serve_forever()
     daemon.stop()
     return 0

@@ -85,6 +85,9 @@ class VirtualPhone:
                                "`fedblocks devices` once) or pass --authorized-keys FILE")
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: object | None = None
+        self._orphans: list[int] = []
+        # "namespace" (processes see /data/local/tmp etc.) or "rewrite" (see docs/virtual_phones.md)
+        self.path_mapping = ""
 
     @property
     def serial(self) -> str:
@@ -124,7 +127,10 @@ class VirtualPhone:
             line = self.process.stdout.readline()
             if line.startswith((b"READY", b"ERROR")) or not line:
                 break
-        if not line.startswith(b"READY"):
+        if line.startswith(b"READY"):
+            parts = line.decode().split()
+            self.path_mapping = parts[2] if len(parts) > 2 else "rewrite"
+        else:
             self.stop()
             message = line.decode(errors="replace").strip().removeprefix("ERROR ")
             raise TestbedError(f"virtual phone on port {self.port} failed to start: "
@@ -141,7 +147,7 @@ class VirtualPhone:
 
     def stop(self) -> None:
         if self.process is not None:
-            orphans = getattr(self, "_orphans", [])
+            orphans, self._orphans = self._orphans, []
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
                 try:

@@ -63,6 +63,9 @@ class Sandbox:
         self.profile = profile
         self.serial = serial
         self.python = python or sys.executable
+        # "namespace": processes see the Android paths themselves (namespace.py);
+        # "rewrite": Android path prefixes in command text are pointed at the sandbox.
+        self.mode = "rewrite"
 
     # ------------------------------------------------------------------ layout
     @property
@@ -83,9 +86,14 @@ class Sandbox:
 
     def create(self) -> None:
         """Lay out the tree, the getprop/python3 commands and the static files."""
-        for sub in ("data/local/tmp/fedblocks", "sdcard", "system/bin", "proc",
+        for sub in ("data/local/tmp/fedblocks", "sdcard", "system/bin", "proc", "storage/emulated", "storage/self",
                     "sys/class/power_supply/battery", "sys/class/thermal/thermal_zone0"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        # so that "$FEDBLOCKS_DEVICE_ROOT" + any Android path is the right file in rewrite mode too
+        for alias in ("storage/emulated/0", "storage/self/primary"):
+            link = self.root / alias
+            if not link.is_symlink():
+                link.symlink_to("../../sdcard")
         props = self.profile.properties()
         props["ro.serialno"] = self.serial
         self.build_prop.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -103,12 +111,17 @@ class Sandbox:
         path.write_text(text)
         path.chmod(0o755)
 
+    @property
+    def command_cwd(self) -> str:
+        return "/data/local/tmp" if self.mode == "namespace" else str(self.tmp_dir)
+
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The environment of every shell command: Android-like, nothing of the host's leaks."""
+        android = self.mode == "namespace"
         env = {
-            "PATH": f"{self.bin_dir}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(self.tmp_dir),
-            "TMPDIR": str(self.tmp_dir),
+            "PATH": f"{'/system/bin' if android else self.bin_dir}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": self.command_cwd,
+            "TMPDIR": self.command_cwd,
             "LANG": "C.UTF-8",
             "ANDROID_ROOT": "/system",
             "ANDROID_DATA": "/data",
@@ -124,7 +137,10 @@ class Sandbox:
 
     # ----------------------------------------------------------- path mapping
     def rewrite_command(self, command: str) -> str:
-        """Point the Android prefixes in a shell command at the sandbox."""
+        """Point the Android prefixes in a shell command at the sandbox (unless the
+        processes see the Android paths themselves, in namespace mode)."""
+        if self.mode == "namespace":
+            return command
         mapping = dict(ANDROID_PREFIXES)
         return _COMMAND_PREFIX.sub(lambda m: f"{self.root}/{mapping[m.group(1)]}", command)
 

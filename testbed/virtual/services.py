@@ -128,7 +128,7 @@ class ShellService:
         else:
             argv = ["/bin/sh", "-i"]
         env = sandbox.env({"TERM": self.term})
-        common = {"cwd": str(sandbox.tmp_dir), "env": env, "start_new_session": True, "close_fds": True}
+        common = {"cwd": sandbox.command_cwd, "env": env, "start_new_session": True, "close_fds": True}
         with self.daemon.spawn_lock:
             if self.use_pty:
                 self._master, slave = os.openpty()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import pytest
 import torch
 
@@ -13,7 +15,9 @@ EXPECTED_BLOCKS = {"resnet8": 3, "resnet18": 4, "resnet34": 4, "vgg16": 5, "mobi
                    "char_transformer": 2}
 
 
+@cache
 def _build(name: str) -> BlockedModel:
+    """One instance per model for this file (tests only switch train/eval modes)."""
     torch.manual_seed(0)
     return build_model(name, DEFAULT_NUM_CLASSES[name], DEFAULT_INPUT_SHAPES[name])
 

@@ -65,18 +65,21 @@ def _check_common(ds, n_classes: int) -> None:
 
 @needs_cifar
 def test_cifar10_jpeg_subset_shapes_and_balanced_test_split(private_cache: Path) -> None:
-    ds = load_dataset("cifar10", limit_train=300)
+    _, members = cifar10._read_jpeg_tarball(CIFAR_JPG)
+    test_labels = np.array([m.label for m in members if m.split == "test"])
+    assert len(members) == 60000 and np.bincount(test_labels).tolist() == [1000] * 10
+    ds = load_dataset("cifar10", limit_train=300, limit_test=1000)
     _check_common(ds, 10)
     assert ds.x_train.shape == (300, 3, 32, 32) and ds.x_train.dtype == np.float32
-    assert ds.x_test.shape == (10000, 3, 32, 32)
-    assert np.bincount(ds.y_test, minlength=10).tolist() == [1000] * 10
+    assert ds.x_test.shape == (1000, 3, 32, 32)
+    assert np.all(np.bincount(ds.y_test, minlength=10) > 50)  # a random subset covers every class
     # normalised with the CIFAR constants: roughly zero mean, unit spread per channel
     mean = ds.x_test.astype(np.float64).mean(axis=(0, 2, 3))
     std = ds.x_test.astype(np.float64).std(axis=(0, 2, 3))
-    assert np.all(np.abs(mean) < 0.1) and np.all((std > 0.85) & (std < 1.15))
+    assert np.all(np.abs(mean) < 0.15) and np.all((std > 0.85) & (std < 1.15))
     assert ds.natural_clients is None and ds.source.endswith("cifar10-jpg.tar.gz")
     assert not list(private_cache.rglob("*.npz")), "a limited load must not write the full-decode cache"
-    again = load_dataset("cifar10", limit_train=300, limit_test=50)
+    again = load_dataset("cifar10", limit_train=300, limit_test=10)
     np.testing.assert_array_equal(again.x_train, ds.x_train)  # the same fixed subset every time
 
 
@@ -353,6 +356,8 @@ def test_shakespeare_synthetic_h5(tmp_path: Path) -> None:
     assert ds.natural_client_names == ["HAMLET", "OPHELIA"]  # MUTE yields no sample
     assert [len(c) for c in ds.natural_clients] == [1, 1]
     assert shakespeare.decode(ds.y_train) == "ed"
+    limited = load_dataset("shakespeare", data_dir=tmp_path, limit_train=1)
+    assert limited.num_train == 1 and sum(len(c) for c in limited.natural_clients) == 1
 
 
 @needs_shakespeare
@@ -363,5 +368,4 @@ def test_shakespeare_real_roles_are_natural_clients() -> None:
     assert ds.natural_clients is not None and len(ds.natural_clients) == 715
     assert ds.num_train == sum(len(c) for c in ds.natural_clients) > 30000
     assert ds.y_train.min() >= 1  # padding is never a label
-    limited = load_dataset("shakespeare", limit_train=2000, limit_test=100)
-    assert limited.num_train == 2000 and sum(len(c) for c in limited.natural_clients) == 2000
+    assert ds.x_test.shape[0] > 5000

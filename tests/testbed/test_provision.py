@@ -99,11 +99,11 @@ def test_provision_virtual_phone_then_cached(virtual_phone: object, adb_key: Adb
     with AdbDevice.connect(virtual_phone.serial, keys=[adb_key]) as device:  # type: ignore[attr-defined]
         device.remove(runtime_remote_path(device))
         cache = DeviceCache(device)
-        readiness = provision_device(device, runtime, digest, cache)
+        readiness = provision_device(device, runtime, digest, cache, deep=False)
         assert readiness.ready, readiness.problems
         assert readiness.runtime_current and readiness.runtime_sha256 == digest
         assert readiness.runtime_path == f"{device.base_dir}/{RUNTIME_NAME}"
-        # the virtual phone runs the host's venv python: every engine imports for real
+        # the virtual phone runs the host's venv python: every engine is installed
         assert set(readiness.usable_engines) == {"executorch", "torch", "ort"}
         assert cache.stats.pushes == 1
         # provisioning again pushes nothing (same runtime, fresh cache instance)
@@ -153,11 +153,11 @@ def test_adb_server_protocol(monkeypatch: pytest.MonkeyPatch, pick_port: object)
     assert adb_server_devices() == []
 
 
-def test_devices_and_provision_cli(virtual_phone: object, adb_key: AdbKey, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                                   pick_port: object) -> None:
+def test_devices_cli(virtual_phone: object, adb_key: AdbKey, monkeypatch: pytest.MonkeyPatch,
+                     capsys: pytest.CaptureFixture[str], pick_port: object) -> None:
     monkeypatch.setenv("FEDBLOCKS_ADB_KEY", str(adb_key.path))
     monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", "1")
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells to the terminal width
     serial = virtual_phone.serial  # type: ignore[attr-defined]
     dead = f"127.0.0.1:{pick_port()}"  # type: ignore[operator]
     monkeypatch.setenv("FEDBLOCKS_DEVICES", f"{serial},{dead}")
@@ -167,22 +167,49 @@ def test_devices_and_provision_cli(virtual_phone: object, adb_key: AdbKey, tmp_p
     assert set(rows) == {serial, dead}
     assert rows[serial]["reachable"] and rows[serial]["properties"]["model"] == "Virtual M4"
     assert rows[serial]["properties"]["ram_mb"] == 4096
+    assert rows[serial]["readiness"]["python"] == "python3"
     assert not rows[dead]["reachable"] and "cannot connect" in rows[dead]["error"]
 
-    assert fedblocks_main(["testbed", "provision", "--serial", serial, "--json"]) == 0
-    [outcome] = json.loads(capsys.readouterr().out)
-    assert outcome["ready"] and outcome["readiness"]["runtime_path"].endswith(RUNTIME_NAME)
-
-    assert fedblocks_main(["devices", "--serial", serial]) == 0
+    assert fedblocks_main(["devices"]) == 0
     table = capsys.readouterr().out
-    assert "Virtual M4" in table and "yes" in table
+    assert "Virtual M4" in table and "unreachable" in table, table
 
-    # nothing to provision: one line, exit 2
+
+def test_provision_cli_lines_and_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str], pick_port: object) -> None:
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", "1")
     monkeypatch.setenv("FEDBLOCKS_DEVICES", "")
+    # nothing to provision: one line, exit 2
     assert fedblocks_main(["testbed", "provision"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no devices to provision" in err
-    # an unreachable device: a readiness line saying why, exit 1
-    assert fedblocks_main(["testbed", "provision", "--serial", dead]) == 1
-    assert f"{dead}: unreachable: cannot connect" in capsys.readouterr().out
-    os.environ.pop("FEDBLOCKS_DEVICES", None)
+    # a local "phone" whose python has no site-packages: pushed, then told what is missing
+    monkeypatch.setenv("PATH", _python_wrapper(tmp_path, f'exec {sys.executable} -S "$@"') + ":"
+                       + os.environ["PATH"])
+    local = f"local:{tmp_path / 'phone'}"
+    dead = f"127.0.0.1:{pick_port()}"  # type: ignore[operator]
+    assert fedblocks_main(["testbed", "provision", "--serial", local, "--serial", dead]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{local}: not ready: numpy missing: python3 -m pip install numpy; "
+                               "no engine: install one of executorch")
+    assert lines[1].startswith(f"{dead}: unreachable: cannot connect")
+    assert (tmp_path / "phone" / RUNTIME_NAME).is_file()
+    assert (tmp_path / "phone" / "cache" / sha256_file(tmp_path / "phone" / RUNTIME_NAME)).is_file()
+
+
+@pytest.mark.slow
+def test_provision_cli_deep_on_virtual_phone(virtual_phone: object, adb_key: AdbKey,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The full CLI: push + a real import of every engine on the phone (tens of seconds)."""
+    monkeypatch.setenv("FEDBLOCKS_ADB_KEY", str(adb_key.path))
+    monkeypatch.setenv("COLUMNS", "200")
+    serial = virtual_phone.serial  # type: ignore[attr-defined]
+    assert fedblocks_main(["testbed", "provision", "--serial", serial, "--json"]) == 0
+    [outcome] = json.loads(capsys.readouterr().out)
+    assert outcome["ready"] and outcome["readiness"]["runtime_path"].endswith(RUNTIME_NAME)
+    engines = outcome["readiness"]["engines"]
+    assert {name for name, e in engines.items() if e["ok"]} == {"executorch", "torch", "ort"}, engines
+    assert fedblocks_main(["devices", "--serial", serial]) == 0
+    table = capsys.readouterr().out
+    assert "Virtual M4" in table and "yes" in table, table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shlex
 import socket
@@ -63,7 +64,7 @@ def test_adb_shell_shell_push_pull_stat_list(phone: VirtualPhone, keys: dict[str
         assert "MemTotal:        8388608 kB" in device.shell("cat /proc/meminfo")
         # v1 merges stderr into the one stream
         assert device.shell("echo out; echo err >&2") == "out\nerr\n"
-        body, rc = _rc(device, "false")
+        _body, rc = _rc(device, "false")
         assert rc == 1
         # the device runtime's python is on PATH and works
         assert device.shell("python3 -c 'import numpy, sys; print(sys.version_info[0])'").strip() == "3"
@@ -159,7 +160,7 @@ def test_sync_requests_split_across_writes(phone: VirtualPhone, keys: dict[str, 
         stream += sync_data(body[start:start + p.SYNC_DATA_MAX])
     stream += sync_done()
     cuts = [0, 5, 13, 70_001, 70_002, 150_000, len(stream)]
-    for a, b in zip(cuts, cuts[1:], strict=False):
+    for a, b in itertools.pairwise(cuts):
         client.write(local, remote, stream[a:b])
     reply = client.recv()
     assert reply.command == p.A_WRTE and sync_status(reply.data) == (p.ID_OKAY, b"")
@@ -176,7 +177,7 @@ def test_sync_requests_split_across_writes(phone: VirtualPhone, keys: dict[str, 
 def test_unknown_key_and_no_key_are_refused(phone: VirtualPhone, keys: dict[str, Path]) -> None:
     with pytest.raises((adb_exc.AdbConnectionError, adb_exc.AdbTimeoutError, adb_exc.TcpTimeoutException,
                         ConnectionError, OSError)):
-        adb_shell_device(phone.port, keys["stranger"], timeout=3)
+        adb_shell_device(phone.port, keys["stranger"], timeout=1.5)
     from adb_shell.adb_device import AdbDeviceTcp
 
     device = AdbDeviceTcp("127.0.0.1", phone.port, default_transport_timeout_s=3)
@@ -257,7 +258,7 @@ def test_hostile_file_names_are_inert_with_shlex_quote(phone: VirtualPhone, keys
         for name in names:
             if "\n" not in name:
                 assert name in listing.splitlines()
-        for i, name in enumerate(names):
+        for name in names:
             path = shlex.quote(f"/data/local/tmp/hostile/{name}")
             out = device.shell(f"sha256sum -- {path}")
             assert out.split()[0].lstrip("\\") == hashlib.sha256(name.encode() * 3).hexdigest(), name
@@ -298,7 +299,7 @@ def test_killed_adbd_gives_client_errors_not_hangs(tmp_path: Path, keys: dict[st
         def long_command() -> None:
             # adb-shell treats EOF as "no data yet" and keeps polling until read_timeout_s
             try:
-                device.shell("sleep 30", read_timeout_s=4)
+                device.shell("sleep 30", read_timeout_s=2)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -356,3 +357,39 @@ def test_phone_refuses_reserved_and_busy_ports(tmp_path: Path, keys: dict[str, P
     bad.write_text("not-a-key user@host\n")
     with pytest.raises(TestbedError, match="line 1"):
         VirtualPhone(free_port(), load_profile("midrange"), tmp_path, [bad])
+
+
+def test_pty_shell_and_orphans_are_reaped(phone: VirtualPhone, keys: dict[str, Path]) -> None:
+    client = RawClient(phone.port)
+    client.connect(load_private_key(keys["trusted"]))
+    local, remote = client.open(b"shell,v2,TERM=xterm,pty:")
+    received = bytearray()
+    client.write_collecting(local, remote, p.shell_packet(p.SHELL_WINDOW_SIZE, b"40x100,0x0"), received)
+    client.write_collecting(local, remote, p.shell_packet(p.SHELL_STDIN, b"stty size; echo pty-$((6*7)); exit 7\n"),
+                            received)
+    out, _err, code = parse_shell_v2(client.read_until_close(local, remote, received))
+    assert b"40 100" in out and b"pty-42" in out and code == 7
+    client.close()
+    # a background job outlives its shell: adbd adopts it (subreaper) and reaps it when it ends
+    device = adb_shell_device(phone.port, keys["trusted"])
+    try:
+        device.shell("nohup sleep 0.3 >/dev/null 2>&1 &")
+    finally:
+        device.close()
+    assert phone.process is not None
+    from fedblocks.testbed.virtual.proctree import descendants
+
+    adopted = [info for info in descendants(phone.process.pid) if info.ppid == phone.process.pid]
+    assert adopted, "the orphaned sleep should be a child of adbd"
+    time.sleep(0.9)
+    assert [info for info in descendants(phone.process.pid) if info.state == "Z"] == []
+
+
+def test_root_and_unknown_services(phone: VirtualPhone, keys: dict[str, Path]) -> None:
+    client = RawClient(phone.port)
+    client.connect(load_private_key(keys["trusted"]))
+    local, remote = client.open(b"root:")
+    assert client.read_until_close(local, remote) == b"adbd cannot run as root in production builds\n"
+    with pytest.raises(ConnectionRefusedError):
+        client.open(b"jdwp:1234")
+    client.close()

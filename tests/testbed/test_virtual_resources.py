@@ -45,7 +45,7 @@ def power_phone(tmp_path_factory: pytest.TempPathFactory, key: Path) -> Iterator
         yield phone
 
 
-def test_sysfs_current_rises_under_cpu_load(power_phone: VirtualPhone, key: Path) -> None:
+def test_sysfs_current_rises_under_cpu_load(power_phone: VirtualPhone, key: Path, tmp_path: Path) -> None:
     device = adb_shell_device(power_phone.port, key)
     try:
         def read(path: str) -> int:
@@ -63,18 +63,28 @@ def test_sysfs_current_rises_under_cpu_load(power_phone: VirtualPhone, key: Path
         assert 0 < read(f"{battery}/capacity") <= 100
         assert device.shell(f"cat {battery}/status").strip() == "Discharging"
         # a CPU-bound job in the background, as the device runtime would be started
-        device.shell("nohup python3 -c 'import time\nt=time.time()\nwhile time.time()-t<3: pass' "
+        # The job records the CPU share it really got: the host's 2 cores are shared with
+        # other work, and the model charges only CPU time the phone's processes used.
+        device.shell("nohup python3 -c 'import time\nt=time.time()\nwhile time.time()-t<3: pass\n"
+                     "open(\"share\", \"w\").write(str(time.process_time()/(time.time()-t)))' "
                      ">/dev/null 2>&1 &")
         time.sleep(1.8)
         busy_ua = read(f"{battery}/current_now")
         busy_temp = read("/sys/class/thermal/thermal_zone0/temp")
-        # one busy core adds 1500 mW: at least half of that must show (the host is shared)
-        assert abs(busy_ua) - abs(idle_ua) > 0.5 * 1500e3 / 4.1, (idle_ua, busy_ua)
+        time.sleep(1.5)
+        share = float(device.shell("cat /data/local/tmp/share"))
+        expected_rise_ua = share * 1500e3 / 4.0
+        print(f"sysfs: idle {idle_ua} uA, busy {busy_ua} uA, job CPU share {share:.2f}, "
+              f"expected rise {expected_rise_ua:.0f} uA")
+        assert abs(busy_ua) - abs(idle_ua) > max(20e3, 0.4 * expected_rise_ua), (idle_ua, busy_ua, share)
         assert busy_temp > idle_temp + 500, (idle_temp, busy_temp)   # +0.5 degC at least
         assert read(f"{battery}/charge_counter") < charge_before
-        # the runtime finds the same files through $FEDBLOCKS_SYSFS_ROOT
-        via_env = device.shell("python3 -c \"import os; print(open(os.environ['FEDBLOCKS_SYSFS_ROOT'] + "
-                               "'/sys/class/power_supply/battery/voltage_now').read().strip())\"")
+        # the runtime (a pushed script: file contents are not path-mapped) finds the files via the env
+        script = tmp_path / "probe.py"
+        script.write_text("import os\nroot = os.environ['FEDBLOCKS_SYSFS_ROOT']\n"
+                          "print(open(root + '/sys/class/power_supply/battery/voltage_now').read().strip())\n")
+        device.push(str(script), "/data/local/tmp/probe.py")
+        via_env = device.shell("python3 /data/local/tmp/probe.py")
         assert int(via_env.strip()) > 3_000_000
     finally:
         device.close()
@@ -97,7 +107,7 @@ def test_low_memory_killer(tmp_path: Path, key: Path) -> None:
             (b"52428800\n", b"", 0)
 
 
-CPU_LOOP = ("python3 -c \"import time\nt=time.perf_counter()\nn=0\nwhile n < 4000000: n += 1\n"
+CPU_LOOP = ("python3 -c \"import time\nt=time.perf_counter()\nn=0\nwhile n < 1500000: n += 1\n"
             "print(time.perf_counter()-t)\"")
 
 

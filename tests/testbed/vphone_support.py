@@ -35,7 +35,7 @@ def make_key(directory: Path, name: str = "adbkey") -> Path:
 
 def adb_shell_device(port: int, key: Path, timeout: float = 10.0) -> AdbDeviceTcp:
     device = AdbDeviceTcp("127.0.0.1", port, default_transport_timeout_s=timeout)
-    device.connect(rsa_keys=[PythonRSASigner.FromRSAKeyPath(str(key))], auth_timeout_s=3,
+    device.connect(rsa_keys=[PythonRSASigner.FromRSAKeyPath(str(key))], auth_timeout_s=min(3.0, timeout),
                    read_timeout_s=timeout)
     return device
 
@@ -101,8 +101,20 @@ class RawClient:
         assert msg.command == p.A_OKAY, f"expected OKAY for our WRTE, got {msg.name}"
         assert (msg.arg0, msg.arg1) == (remote, local)
 
-    def read_until_close(self, local: int, remote: int) -> bytes:
-        out = bytearray()
+    def write_collecting(self, local: int, remote: int, data: bytes, sink: bytearray) -> None:
+        """WRTE, then wait for its OKAY while acknowledging (and keeping) device output
+        that an interactive service may send meanwhile."""
+        self.send(p.A_WRTE, local, remote, data)
+        while True:
+            msg = self.recv()
+            if msg.command == p.A_OKAY:
+                return
+            assert msg.command == p.A_WRTE, msg.name
+            sink += msg.data
+            self.send(p.A_OKAY, local, remote)
+
+    def read_until_close(self, local: int, remote: int, out: bytearray | None = None) -> bytes:
+        out = bytearray() if out is None else out
         while True:
             msg = self.recv()
             if msg.command == p.A_WRTE:
