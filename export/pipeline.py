@@ -158,7 +158,8 @@ def _memory_and_flops(stage: Any, batch_size: int) -> tuple[MemoryEntry, FlopsEn
     from fedblocks.export.flops import stage_flops
     from fedblocks.export.memory import predict_footprint
 
-    fp = predict_footprint(stage, batch_size)
+    # momentum=True: the upper bound (one momentum buffer per trainable tensor); momentum is a job setting.
+    fp = predict_footprint(stage, batch_size, "sgd", momentum=True)
     flops = stage_flops(stage, batch_size)
     memory = MemoryEntry(
         batch_size=batch_size,

@@ -130,7 +130,7 @@ def summary_table(summaries: list[Any]) -> Any:
 
     table = Table(title="fedblocks run")
     for col in ("strategy", "rounds", "final accuracy", "participating clients", "peak footprint (MB)",
-                "energy (J)", "run dir"):
+                "energy (J)"):
         table.add_column(col)
     for s in summaries:
         name = s.strategy + ("" if s.respects_budgets else " (unconstrained reference)")
@@ -140,7 +140,7 @@ def summary_table(summaries: list[Any]) -> Any:
             fp += f" / {s.peak_measured_footprint_mb:.1f} measured"
         energy = "-" if s.energy_j is None else f"{s.energy_j:.1f} ({', '.join(s.energy_sources) or '?'})"
         table.add_row(name, str(s.rounds_completed), acc, f"{s.participating_clients}/{s.total_clients}", fp,
-                      energy, s.run_dir)
+                      energy)
     return table
 
 
@@ -168,5 +168,8 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         from rich.console import Console
 
-        Console().print(summary_table(summaries))
+        console = Console()
+        console.print(summary_table(summaries))
+        for s in summaries:
+            console.print(f"{s.strategy}: {s.run_dir} (fedblocks report {s.run_dir})")
     return 0

@@ -198,6 +198,10 @@ class AdbDevice(Device):
                 "platform-tools adb server holds it, run `adb kill-server` (or use wireless adb)") from None
         except adbx.InvalidTransportError:
             raise TestbedError(f"{self.serial} looks like a USB serial. {USB_EXTRA_HINT}") from None
+        except Exception as exc:  # libusb errors (access denied, busy) come as usb1's own types
+            raise DeviceConnectionError(
+                f"cannot open USB device {self.serial}: {exc}; check udev permissions (plugdev group) "
+                "and that no other adb server holds it (`adb kill-server`)") from None
 
     def _ensure_connected(self) -> _AdbClient:
         if self._client is not None:

@@ -372,6 +372,10 @@ class Device(ABC):
                     break  # the device is gone: retrying cannot help
             except DeviceTimeout as exc:
                 problem = str(exc)
+            except DeviceError:
+                # not a transient fault (device full, permission denied): no retry, no debris
+                self._remove_quietly(tmp)
+                raise
         if not device_gone:
             self._remove_quietly(tmp)
         raise TransferError(

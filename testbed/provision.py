@@ -149,7 +149,7 @@ def check_device(device: Device, *, deep: bool, runtime_sha256: str | None = Non
         idempotent=True)
     found = res.stdout.strip().splitlines()
     if not found:
-        r.problems.append("no python3 on PATH: install Python (Termux: pkg install python; see docs/testbed.md)")
+        r.problems.append("no python3 on PATH: install Python for the adb shell user (docs/testbed.md, Python on the phones)")
         return r
     r.python = found[0] if found[0] in ("python3", "python") else None
     if r.python is None:

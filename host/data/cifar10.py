@@ -13,6 +13,8 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import logging
+import os
 import pickle
 import re
 import tarfile
@@ -49,6 +51,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 IMAGE_BYTES = 3 * 32 * 32
 
+log = logging.getLogger(__name__)
 _JPEG_MEMBER = re.compile(r"^(?:\./)?(train|test)/([a-z]+)/(\d+)\.jpg$")
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's array-unpickling function, whatever its module
 # The only globals an official (or re-saved) CIFAR batch pickle may reference. _codecs.encode
@@ -256,6 +259,15 @@ def _jpeg_cache_path(tarball_sha256: str) -> Path:
     return cache_dir() / "datasets" / f"cifar10-jpg-v2-{tarball_sha256[:32]}.npz"
 
 
+def _valid_cache(raw: RawSplits) -> bool:
+    for x, y in ((raw.x_train, raw.y_train), (raw.x_test, raw.y_test)):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (3, 32, 32) or y.dtype != np.int64:
+            return False
+        if y.shape != (x.shape[0],) or (y.size and (y.min() < 0 or y.max() >= len(CLASS_NAMES))):
+            return False
+    return True
+
+
 def load_jpeg_cached(path: Path, limit_train: int | None, limit_test: int | None) -> tuple[RawSplits, str]:
     """Decoded JPEG arrays, cached as .npz keyed by the tarball's sha256. Returns (splits, note)."""
     cache = _jpeg_cache_path(sha256_file(path))
@@ -263,18 +275,26 @@ def load_jpeg_cached(path: Path, limit_train: int | None, limit_test: int | None
         try:
             with np.load(cache, allow_pickle=False) as z:
                 raw = RawSplits(z["x_train"], z["y_train"], z["x_test"], z["y_test"], layout="NCHW")
-            return _limit(raw, limit_train, limit_test), f"decoded arrays from cache {cache}"
-        except (OSError, KeyError, ValueError):
-            cache.unlink(missing_ok=True)  # a torn or foreign cache file: decode again
+            if _valid_cache(raw):
+                return _limit(raw, limit_train, limit_test), f"decoded arrays from cache {cache}"
+        except (OSError, KeyError, ValueError, EOFError):
+            pass
+        log.warning("ignoring unreadable cache %s; decoding again", cache)
+        cache.unlink(missing_ok=True)
     if limit_train is not None or limit_test is not None:
         return decode_jpeg_tarball(path, limit_train, limit_test), "decoded subset (no cache written)"
     start = time.perf_counter()
     raw = decode_jpeg_tarball(path)
     seconds = time.perf_counter() - start
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{id(raw)}.npz")
-    np.savez(tmp, x_train=raw.x_train, y_train=raw.y_train, x_test=raw.x_test, y_test=raw.y_test)
-    tmp.replace(cache)
+    tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, x_train=raw.x_train, y_train=raw.y_train, x_test=raw.x_test, y_test=raw.y_test)
+        tmp.replace(cache)
+    except OSError as exc:  # a read-only or full cache dir costs speed, not the run
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write the CIFAR-10 cache %s (%s)", cache, exc.strerror or exc)
+        return raw, f"decoded in {seconds:.1f} s (cache not written: {exc.strerror or exc})"
     return raw, f"decoded in {seconds:.1f} s, cached at {cache}"
 
 
@@ -296,7 +316,7 @@ def find_cifar10(data_dir: Path) -> Path:
             return candidate
     raise DataMissingError(
         f"dataset cifar10: expected {PYTHON_TARBALL} (official, https://www.cs.toronto.edu/~kriz/cifar.html) "
-        f"or {JPEG_TARBALL} in {data_dir}; put one there or point FEDBLOCKS_DATA / --data-dir at its folder"
+        f"or {JPEG_TARBALL} in {data_dir}; put one there, or point $FEDBLOCKS_DATA or the config's dataset.data_dir at its folder"
     )
 
 

@@ -614,6 +614,10 @@ def _notes(r: RunReport, device_rows: list[DeviceRow], settings: Mapping[str, An
     elif sources and not any(is_measured(x) for x in sources):
         notes.append(Note("warning", "no MEASURED energy in this run: every energy figure is MODELLED from a power "
                                      "profile (CPU time x active power + wall time x idle power), not measured"))
+    if r.testbed == "virtual" and any(is_measured(x) for x in sources):
+        notes.append(Note("warning", "virtual phones: their fuel gauge / thermal files are the virtual phone's "
+                                     "model (CPU use x profile power, testbed/virtual/sysfs.py), read through the real "
+                                     "meter code: the pipeline is real, the joules are not a physical measurement"))
     unknown = [x for x in sources if not is_measured(x) and x != MODELLED_SOURCE]
     if unknown:
         notes.append(Note("warning", f"energy source(s) {', '.join(unknown)} are unknown to this report: shown apart, "

@@ -1,14 +1,13 @@
 """A virtual phone's filesystem: a host directory standing in for the Android paths.
 
-Android paths map onto the sandbox root by prefix (see ANDROID_PREFIXES). Two places
-apply the mapping, both without root or namespaces so it works in any CI:
-- sync paths (push/pull/stat/list) go through :meth:`Sandbox.to_host`, which refuses
-  anything outside the mapped prefixes or resolving (via ``..`` or symlinks) outside
-  the root;
-- shell commands have the same prefixes rewritten in their text
-  (:meth:`Sandbox.rewrite_command`) and run with cwd = the sandbox's /data/local/tmp.
-Paths a program builds at run time (e.g. read from a file) are NOT rewritten: programs
-find the root in ``$FEDBLOCKS_DEVICE_ROOT`` (docs/virtual_phones.md).
+Android paths map onto the sandbox root by prefix (see ANDROID_PREFIXES):
+- sync paths (push/pull/stat/list) always go through :meth:`Sandbox.to_host`, which
+  refuses anything outside the mapped prefixes or resolving (via ``..`` or symlinks)
+  outside the root;
+- shell commands: in "namespace" mode (namespace.py) the processes see the Android
+  paths themselves; in "rewrite" mode (no namespaces available) the prefixes are
+  rewritten in the command text (:meth:`Sandbox.rewrite_command`), and paths a program
+  builds at run time are found under ``$FEDBLOCKS_DEVICE_ROOT`` (docs/virtual_phones.md).
 """
 
 from __future__ import annotations

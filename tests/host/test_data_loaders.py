@@ -109,6 +109,64 @@ def test_cifar10_full_decode_then_cached_load(private_cache: Path) -> None:
     assert first_s < 120 and second_s < 10
 
 
+def _write_jpeg_tarball(path: Path, pax: bool = False) -> dict[str, np.ndarray]:
+    """A miniature cifar10-jpg.tar.gz: train|test/<class>/NNNN.jpg, members in shuffled order.
+
+    Returns each member's pixels as PIL decodes them.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    entries = [(split, cls, n) for split, per in (("train", 3), ("test", 2))
+               for cls in ("cat", "airplane", "truck") for n in range(per)]
+    rng.shuffle(entries)
+    images = {}
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for split, cls, n in entries:
+            img = np.kron(rng.integers(0, 256, (4, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # smooth blocks
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=95)
+            name = f"{split}/{cls}/{n:04d}.jpg"
+            info = tarfile.TarInfo(name)
+            info.size = len(buf.getvalue())
+            if pax:
+                info.pax_headers = {"comment": "forces a pax header"}
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+            images[name] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # PIL's own decode
+    return images
+
+
+@pytest.mark.parametrize("pax", [False, True])
+def test_cifar10_jpeg_tarball_decode_order_and_cache(tmp_path: Path, private_cache: Path, pax: bool) -> None:
+    images = _write_jpeg_tarball(tmp_path / "cifar10-jpg.tar.gz", pax=pax)
+    ds = load_dataset("cifar10", data_dir=tmp_path)
+    assert ds.x_train.shape == (9, 3, 32, 32) and ds.x_test.shape == (6, 3, 32, 32)
+    # sorted by (class index, number): airplane=0, cat=3, truck=9
+    assert ds.y_train.tolist() == [0, 0, 0, 3, 3, 3, 9, 9, 9] and ds.y_test.tolist() == [0, 0, 3, 3, 9, 9]
+    pixels = ds.x_train[4].transpose(1, 2, 0) * np.array(cifar10.STD) + np.array(cifar10.MEAN)
+    np.testing.assert_allclose(pixels * 255, images["train/cat/0001.jpg"], atol=1e-3)
+    (cache,) = private_cache.rglob("*.npz")
+    assert "cached at" in ds.notes["load"]
+    cached = load_dataset("cifar10", data_dir=tmp_path)
+    assert "from cache" in cached.notes["load"]
+    np.testing.assert_array_equal(cached.x_train, ds.x_train)
+    cache.write_bytes(b"torn")  # a damaged cache is replaced, never trusted
+    again = load_dataset("cifar10", data_dir=tmp_path)
+    assert "cached at" in again.notes["load"]
+    np.testing.assert_array_equal(again.x_test, ds.x_test)
+
+
+def test_cifar10_jpeg_tarball_rejects_foreign_members(tmp_path: Path, private_cache: Path) -> None:
+    with tarfile.open(tmp_path / "cifar10-jpg.tar.gz", "w:gz") as tar:
+        _add(tar, "train/unicorn/0001.jpg", b"x")
+    with pytest.raises(HostError, match=r"unexpected member 'train/unicorn/0001.jpg'"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    with tarfile.open(tmp_path / "cifar10-jpg.tar.gz", "w:gz") as tar:
+        _add(tar, "train/cat/0001.jpg", b"not a jpeg")
+    with pytest.raises(HostError, match=r"train/cat/0001.jpg: cannot decode JPEG"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
 def _official_batch(n: int, seed: int, label: bytes) -> tuple[dict[bytes, object], np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
@@ -160,6 +218,13 @@ def test_cifar10_official_python_tarball(tmp_path: Path) -> None:
         assert ds.x_train[n, c, h, w] == pytest.approx(expected, abs=1e-5)
     limited = load_dataset("cifar10", data_dir=tmp_path, limit_train=10, limit_test=2)
     assert limited.x_train.shape[0] == 10 and limited.x_test.shape[0] == 2
+    # the extracted folder works too
+    extracted = tmp_path / "extracted"
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(extracted, filter="data")
+    from_dir = load_dataset("cifar10", data_dir=extracted)
+    assert from_dir.source.endswith("cifar-10-batches-py")
+    np.testing.assert_array_equal(from_dir.x_train, ds.x_train)
 
 
 def test_cifar10_python_batches_refuse_foreign_globals(tmp_path: Path) -> None:

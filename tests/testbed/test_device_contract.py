@@ -23,11 +23,18 @@ from fedblocks.testbed.keys import AdbKey
 from fedblocks.testbed.local_backend import LocalDevice
 
 
-@pytest.fixture(scope="module", params=["local", "adb"])
+@pytest.fixture(scope="module", params=["local", "adb", pytest.param("real", marks=pytest.mark.device)])
 def device(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            adb_key: AdbKey) -> Iterator[Device]:
     if request.param == "local":
         dev: Device = LocalDevice(tmp_path_factory.mktemp("localdev"))
+    elif request.param == "real":
+        serial = os.environ.get("FEDBLOCKS_SERIAL")
+        if not serial:
+            pytest.skip("set FEDBLOCKS_SERIAL to a phone's serial (HOST:PORT or USB) to run on a real phone")
+        from fedblocks.testbed.inventory import open_device
+
+        dev = open_device(serial)  # the host's default adb key
     else:
         from fedblocks.testbed.adb_backend import AdbDevice
 
@@ -133,12 +140,12 @@ def test_exists_size_sha256(device: Device, workdir: str, tmp_path: Path) -> Non
     assert device.sha256(f"{workdir}/a") == sha256_file(local)
 
 
-def test_properties(device: Device) -> None:
+def test_properties(device: Device, request: pytest.FixtureRequest) -> None:
     props = device.properties()
     assert props.serial == device.serial
     assert props.model and props.abi
     assert props.ram_mb is not None and props.ram_mb > 0
-    if not isinstance(device, LocalDevice):
+    if request.node.callspec.params["device"] == "adb":
         # the virtual phone's midrange profile, read through getprop / meminfo / sysfs
         from fedblocks.testbed.virtual import load_profile
 
@@ -225,3 +232,9 @@ def test_hostile_file_names_are_never_executed(device: Device, workdir: str, tmp
         device.remove(remote)
         assert not device.exists(remote), name
     assert not device.exists(canary), "a file name was executed by the device shell"
+
+
+def test_push_to_an_unwritable_place_is_a_clear_error(device: Device, tmp_path: Path) -> None:
+    local = _random_file(tmp_path / "x.bin", 100)
+    with pytest.raises(DeviceError, match="mkdir -p '/proc/fedblocks-nope'"):
+        device.push(local, "/proc/fedblocks-nope/x.bin")

@@ -67,15 +67,22 @@ def _load(count: int, tmp_path: Path, adb_key: AdbKey, pick_port: object) -> Non
         shard.write_bytes(os.urandom(50_000 + i * 1000))  # distinct per phone: results cannot be mixed up
         shards.append(shard)
     base = _free_block(count, pick_port)
-    with VirtualTestbed(count, base, load_profile("midrange"), state_dir=tmp_path / "phones",
-                        authorized_keys=[Path(str(adb_key.path) + ".pub")]) as testbed:
+    testbed = VirtualTestbed(count, base, load_profile("midrange"), state_dir=tmp_path / "phones",
+                             authorized_keys=[Path(str(adb_key.path) + ".pub")])
+    try:
+        boot = time.monotonic()
+        with ThreadPoolExecutor(max_workers=count) as pool:  # boot the phones side by side
+            list(pool.map(lambda phone: phone.start(), testbed.phones))
+        boot = time.monotonic() - boot
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=count) as pool:
             futures = [pool.submit(_run_phone, serial, adb_key, artifact, artifact_sha, shards[i])
                        for i, serial in enumerate(testbed.serials)]
             outcomes = [f.result() for f in futures]
         elapsed = time.monotonic() - start
-    print(f"\n{count} phones x {ARTIFACT_BYTES >> 20} MB + job: {elapsed:.1f} s wall, "
+    finally:
+        testbed.stop()
+    print(f"\n{count} phones booted in {boot:.1f} s; {ARTIFACT_BYTES >> 20} MB each + job: {elapsed:.1f} s wall, "
           f"slowest phone {max(o.seconds for o in outcomes):.1f} s")
     assert [o.serial for o in outcomes] == testbed.serials
     for i, outcome in enumerate(outcomes):

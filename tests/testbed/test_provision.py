@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_no_python_on_path(tmp_path: Path) -> None:
     readiness = check_device(device, deep=False)
     assert not readiness.ready
     assert readiness.problems == [
-        "no python3 on PATH: install Python (Termux: pkg install python; see docs/testbed.md)"]
+        "no python3 on PATH: install Python for the adb shell user (docs/testbed.md, Python on the phones)"]
 
 
 def test_numpy_missing_and_no_engine(tmp_path: Path) -> None:
@@ -213,3 +214,37 @@ def test_provision_cli_deep_on_virtual_phone(virtual_phone: object, adb_key: Adb
     assert fedblocks_main(["devices", "--serial", serial]) == 0
     table = capsys.readouterr().out
     assert "Virtual M4" in table and "yes" in table, table
+
+
+def test_discovery_through_the_real_adb_server(tmp_path: Path, adb_key: AdbKey, phone_factory: object,
+                                                 pick_port: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's adb 29 server, on a private port and HOME, `adb connect`ed to a virtual phone."""
+    import shutil
+    import subprocess
+
+    adb = shutil.which("adb")
+    if adb is None:
+        pytest.skip("the platform-tools adb binary is not installed")
+    home = tmp_path / "home"
+    (home / ".android").mkdir(parents=True)
+    # the adb server signs with $HOME/.android/adbkey: give it ours, which the phone trusts
+    shutil.copy(adb_key.path, home / ".android" / "adbkey")
+    shutil.copy(str(adb_key.path) + ".pub", home / ".android" / "adbkey.pub")
+    port = str(pick_port())  # type: ignore[operator]
+    env = {**os.environ, "HOME": str(home), "ANDROID_ADB_SERVER_PORT": port}
+    phone = phone_factory()  # type: ignore[operator]
+    try:
+        subprocess.run([adb, "start-server"], env=env, check=True, capture_output=True, timeout=30)
+        out = subprocess.run([adb, "connect", phone.serial], env=env, capture_output=True, text=True, timeout=30)
+        assert "connected to" in out.stdout, out
+        monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", port)
+        monkeypatch.setenv("FEDBLOCKS_DEVICES", "")
+        deadline = time.monotonic() + 15
+        while phone.serial not in discover_serials() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the server authenticates in the background
+        assert discover_serials() == [phone.serial]
+        # the adb server holds one connection; fedblocks opens its own beside it
+        with AdbDevice.connect(phone.serial, keys=[adb_key]) as device:
+            assert device.shell("echo both").stdout == "both\n"
+    finally:
+        subprocess.run([adb, "kill-server"], env=env, capture_output=True, timeout=30)

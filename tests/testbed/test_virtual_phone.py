@@ -393,3 +393,35 @@ def test_root_and_unknown_services(phone: VirtualPhone, keys: dict[str, Path]) -
     with pytest.raises(ConnectionRefusedError):
         client.open(b"jdwp:1234")
     client.close()
+
+
+@pytest.mark.parametrize("namespace", ["1", "0"])
+def test_absolute_android_paths_inside_files(namespace: str, tmp_path: Path, keys: dict[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job file naming /data/local/tmp/... works: directly when the phone has its own mount
+    namespace, via $FEDBLOCKS_DEVICE_ROOT + path when it rewrites paths."""
+    monkeypatch.setenv("FEDBLOCKS_VPHONE_NAMESPACE", namespace)
+    with VirtualPhone(free_port(), load_profile("midrange"), tmp_path, [Path(f"{keys['trusted']}.pub")]) as ph:
+        if namespace == "1" and ph.path_mapping != "namespace":
+            pytest.skip("mount namespaces are not available here (needs root or user namespaces)")
+        assert ph.path_mapping == ("namespace" if namespace == "1" else "rewrite")
+        device = adb_shell_device(ph.port, keys["trusted"])
+        try:
+            data = tmp_path / "data.bin"
+            data.write_bytes(b"shard-bytes")
+            device.push(str(data), "/storage/emulated/0/shard.bin")
+            job = tmp_path / "job.txt"
+            job.write_text("/sdcard/shard.bin")
+            device.push(str(job), "/data/local/tmp/job.txt")
+            reader = ("import os\npath = open('job.txt').read()\n"
+                      "root = '' if os.path.exists(path) else os.environ['FEDBLOCKS_DEVICE_ROOT']\n"
+                      "print(open(root + path, 'rb').read().decode(), bool(root))\n")
+            (tmp_path / "reader.py").write_text(reader)
+            device.push(str(tmp_path / "reader.py"), "/data/local/tmp/reader.py")
+            out = device.shell("cd /data/local/tmp && python3 reader.py").split()
+            assert out == ["shard-bytes", "False" if namespace == "1" else "True"]
+            if namespace == "1":
+                assert device.shell("pwd; echo $HOME; command -v getprop").split() == \
+                    ["/data/local/tmp", "/data/local/tmp", "/system/bin/getprop"]
+        finally:
+            device.close()

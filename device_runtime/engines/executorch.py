@@ -1,0 +1,89 @@
+"""ExecuTorch training adapter (executorch 1.5.1, Python bindings of the C++ TrainingModule).
+
+The .pte's method ``forward(*stage_inputs, *frozen)`` returns the stage outputs
+and (internally) the gradients of the trainable parameters; frozen tensors are
+program inputs (export/builders/executorch.py) so they are set by name here and
+passed on every step. ``named_parameters()`` returns the program's live weight
+tensors, but only after one ``forward_backward`` has run; setting trainable
+weights before the first step therefore runs one warm-up forward_backward on
+zero inputs (its gradients are discarded). SGD with torch semantics is applied
+in numpy (sgd.py) to the live tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from executorch.extension.training import _load_for_executorch_for_training
+
+from ..spec import OptimizerConfig, StageSpec
+from .base import EngineError, TrainingEngine
+from .sgd import NumpySGD, RunningStats
+
+
+class ExecuTorchEngine(TrainingEngine):
+    name = "executorch"
+    artifact_roles = ("program",)
+
+    def __init__(self, stage: StageSpec, artifacts: dict[str, str], optimizer: OptimizerConfig) -> None:
+        super().__init__(stage, artifacts, optimizer)
+        try:
+            self._module = _load_for_executorch_for_training(artifacts["program"])
+        except Exception as exc:
+            raise EngineError(f"executorch could not load the program: {str(exc).splitlines()[0]}") from None
+        self._trainable = [t.name for t in stage.trainable]
+        self._frozen: dict[str, torch.Tensor | None] = {t.name: None for t in stage.frozen}
+        self._sgd = NumpySGD(optimizer)
+        self._stats = RunningStats(stage)
+
+    def _run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        missing = [n for n, v in self._frozen.items() if v is None]
+        if missing:
+            raise EngineError(f"executorch: set_weights must give frozen tensor '{missing[0]}' before training")
+        return self._module.forward_backward("forward", (*inputs, *self._frozen.values()))
+
+    def _live_parameters(self) -> dict[str, torch.Tensor]:
+        if self._module.named_params is None:
+            zeros = [torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for t in self.stage.inputs]
+            self._run(zeros)  # warm-up: materialises named_parameters()
+        params = self._module.named_parameters()
+        absent = [n for n in self._trainable if n not in params]
+        if absent:
+            raise EngineError(f"executorch program has no trainable tensor '{absent[0]}'")
+        return params
+
+    def set_weights(self, tensors: dict[str, np.ndarray]) -> None:
+        state_names = self._stats.names()
+        trainable: dict[str, np.ndarray] = {}
+        for name, value in tensors.items():
+            if name in state_names:
+                self._stats.values[name] = np.array(value, dtype=np.float32)
+            elif name in self._frozen:
+                self._frozen[name] = torch.from_numpy(np.array(value))
+            elif name in self._trainable:
+                trainable[name] = value
+            else:
+                raise EngineError(f"executorch: stage '{self.stage.id}' has no tensor '{name}'")
+        if trainable:
+            params = self._live_parameters()
+            for name, value in trainable.items():
+                params[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        params = self._live_parameters()
+        out = {n: params[n].numpy().astype(np.float32, copy=True) for n in self._trainable}
+        out.update({name: value.copy() for name, value in self._stats.values.items()})
+        return out
+
+    def step(self, inputs: dict[str, np.ndarray]) -> float:
+        missing = self._stats.missing()
+        if missing:
+            raise EngineError(f"executorch: set_weights must give state tensor '{missing[0]}' before training")
+        outputs = self._run([torch.from_numpy(np.asarray(inputs[t.name])) for t in self.stage.inputs])
+        params = self._module.named_parameters()
+        grads = self._module.named_gradients()
+        for name in self._trainable:
+            param = params[name]
+            param.copy_(torch.from_numpy(self._sgd.update(name, param.numpy(), grads[name].numpy())))
+        self._stats.update([o.numpy() for o in outputs])
+        return float(outputs[0])

@@ -1,0 +1,56 @@
+"""torch.optim.SGD semantics in numpy, and the running-statistics update.
+
+Shared by the engine adapters whose engine cannot do momentum / weight decay
+itself (ORT 1.19.2's SGD is plain; ExecuTorch's optimizer lives in C++), so every
+engine updates weights the same way:
+
+    g = grad + weight_decay * p
+    buf = g (first step) | momentum * buf + g      (dampening 0, no Nesterov)
+    p = p - lr * buf
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..spec import OptimizerConfig, StageSpec
+
+
+class NumpySGD:
+    def __init__(self, config: OptimizerConfig) -> None:
+        self.config = config
+        self._momentum: dict[str, np.ndarray] = {}
+
+    def update(self, name: str, param: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """The new value of ``param`` (float32) after one step with gradient ``grad``."""
+        cfg = self.config
+        g = grad.astype(np.float32, copy=False)
+        if cfg.weight_decay:
+            g = g + np.float32(cfg.weight_decay) * param
+        if cfg.momentum:
+            buf = self._momentum.get(name)
+            buf = g.copy() if buf is None else np.float32(cfg.momentum) * buf + g
+            self._momentum[name] = buf
+            g = buf
+        return (param - np.float32(cfg.lr) * g).astype(np.float32, copy=False)
+
+
+class RunningStats:
+    """The stage's state tensors, updated from its batch-statistic outputs."""
+
+    def __init__(self, stage: StageSpec) -> None:
+        self.stage = stage
+        self.values: dict[str, np.ndarray] = {}
+        self._index = {o.name: i for i, o in enumerate(stage.outputs)}
+
+    def names(self) -> set[str]:
+        return {s.name for s in self.stage.state}
+
+    def missing(self) -> list[str]:
+        return [s.name for s in self.stage.state if s.name not in self.values]
+
+    def update(self, outputs: list[np.ndarray]) -> None:
+        for s in self.stage.state:
+            batch = np.asarray(outputs[self._index[s.source]], dtype=np.float32)
+            m = np.float32(s.momentum)
+            self.values[s.name] = ((np.float32(1) - m) * self.values[s.name] + m * batch).astype(np.float32)
