@@ -78,7 +78,7 @@ def empty_metrics() -> dict[str, Any]:
     return {
         "engine": None, "engine_version": None, "stage_id": None, "stage_kind": None, "batch_size": None,
         "threads": None, "num_samples": None, "steps": 0, "steps_planned": None, "samples_seen": 0,
-        "epochs_completed": 0.0, "loss": [], "step_latency_s": [], "step_latency_median_s": None,
+        "epochs_completed": 0.0, "loss": [], "step_latency_s": [], "step_cpu_s": [], "step_latency_median_s": None,
         "data_load_s": None, "model_load_s": None, "train_s": None, "wall_s": None, "cpu_s": None,
         "memory": {"baseline_rss_bytes": None, "peak_rss_bytes": None, "footprint_bytes": None,
                    "baseline_anon_bytes": None, "peak_anon_bytes": None, "footprint_anon_bytes": None,
@@ -196,6 +196,7 @@ def _fill_metrics(job: Job, sup: Supervision, sampler: meters.SysfsSampler,
     metrics.update(
         steps=len(steps), samples_seen=len(steps) * job.stage.batch_size,
         loss=[e.get("loss") for e in steps], step_latency_s=latencies,
+        step_cpu_s=[e.get("cpu_s") for e in steps],
         step_latency_median_s=median(latencies[1:] if len(latencies) > 1 else latencies) if latencies else None,
         wall_s=sup.ended_t - sup.started_t,
     )

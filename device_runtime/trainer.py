@@ -88,11 +88,12 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
     for i, idx in enumerate(batch_indices(num_samples, job.stage.batch_size, job.training.seed,
                                           job.training.epochs, job.training.max_steps)):
         batch = {name: arr[idx] for name, arr in data.items()}
-        t_start = time.monotonic()
+        c_start, t_start = time.process_time(), time.monotonic()
         loss = float(engine.step(batch))
-        t_end = time.monotonic()
+        t_end, c_end = time.monotonic(), time.process_time()
         finite = math.isfinite(loss)
-        progress.emit("step", i=i, loss=loss if finite else None, latency_s=t_end - t_start, t_start=t_start)
+        progress.emit("step", i=i, loss=loss if finite else None, latency_s=t_end - t_start,
+                      cpu_s=c_end - c_start, t_start=t_start)
         steps += 1
         if not finite:
             raise TrainingFailed(f"non-finite loss ({loss}) at step {i}; training stopped "

@@ -83,6 +83,9 @@ class StageBenchRow:
     eager_ms_min: float | None
     eager_ms_max: float | None
     ratio: float | None  # step_ms / eager_ms
+    step_cpu_ms: float | None  # CPU time per step (all threads), median excluding warm-up: robust to other load
+    eager_cpu_ms: float | None
+    cpu_ratio: float | None
     footprint_mib: float | None  # measured peak - baseline RSS
     predicted_mib: float | None  # manifest: grads + optimizer state + activations
     error_pct: float | None  # (measured - predicted) / predicted
@@ -257,8 +260,9 @@ def run_runtime(job: Path) -> tuple[dict[str, Any], str, str]:
 
 
 def time_torch_eager(program: Any, stage: dict[str, Any], data: dict[str, np.ndarray], steps: int,
-                     threads: int) -> list[float]:
-    """Per-step seconds of plain torch training on the stage program (SGD momentum 0.9, wd 5e-4)."""
+                     threads: int) -> tuple[list[float], list[float]]:
+    """Per-step (wall seconds, CPU seconds) of plain torch training on the stage program (SGD momentum 0.9,
+    wd 5e-4)."""
     import torch
 
     from fedblocks.device_runtime.data import batch_indices
@@ -273,16 +277,18 @@ def time_torch_eager(program: Any, stage: dict[str, Any], data: dict[str, np.nda
         batch = stage["inputs"][0]["shape"][0]
         n = len(data[names[0]])
         times: list[float] = []
+        cpu: list[float] = []
         for idx in batch_indices(n, batch, 0, None, steps):
             inputs = [torch.from_numpy(data[name][idx]) for name in names]
-            t0 = time.monotonic()
+            c0, t0 = time.process_time(), time.monotonic()
             sgd.zero_grad(set_to_none=True)
             outputs = program(*inputs)
             outputs[0].backward()
             sgd.step()
             program.apply_state_updates(tuple(o.detach() for o in outputs))
             times.append(time.monotonic() - t0)
-        return times
+            cpu.append(time.process_time() - c0)
+        return times, cpu
     finally:
         torch.set_num_threads(previous)
 
@@ -299,9 +305,11 @@ def _mib(v: Any) -> float | None:
 
 
 def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int, warmup: int, status: str,
-         reason: str, metrics: dict[str, Any], eager: list[float]) -> StageBenchRow:
+         reason: str, metrics: dict[str, Any], eager: tuple[list[float], list[float]]) -> StageBenchRow:
     step_ms, step_min, step_max = _stats_ms(list(metrics.get("step_latency_s") or []), warmup)
-    eager_ms, eager_min, eager_max = _stats_ms(eager, warmup)
+    eager_ms, eager_min, eager_max = _stats_ms(eager[0], warmup)
+    step_cpu = _stats_ms([c for c in metrics.get("step_cpu_s") or [] if c is not None], warmup)[0]
+    eager_cpu = _stats_ms(eager[1], warmup)[0]
     mem = metrics.get("memory") or {}
     footprint, predicted = mem.get("footprint_bytes"), mem.get("predicted_footprint_bytes")
     energy = metrics.get("energy") or {}
@@ -310,6 +318,8 @@ def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int
         reason=reason, step_ms=step_ms, step_ms_min=step_min, step_ms_max=step_max, eager_ms=eager_ms,
         eager_ms_min=eager_min, eager_ms_max=eager_max,
         ratio=round(step_ms / eager_ms, 3) if step_ms and eager_ms else None,
+        step_cpu_ms=step_cpu, eager_cpu_ms=eager_cpu,
+        cpu_ratio=round(step_cpu / eager_cpu, 3) if step_cpu and eager_cpu else None,
         footprint_mib=_mib(footprint), predicted_mib=_mib(predicted),
         error_pct=round(100 * (footprint - predicted) / predicted, 1) if footprint is not None and predicted else None,
         baseline_mib=_mib(mem.get("baseline_rss_bytes")), peak_mib=_mib(mem.get("peak_rss_bytes")),
@@ -323,8 +333,8 @@ def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
 
     table = Table(title=f"device runtime vs torch eager ({env['threads']} threads, {env['cpus']} CPUs, "
                         f"load avg {env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f})")
-    for col in ("stage", "engine", "status", "step ms", "eager ms", "ratio", "footprint MiB", "predicted MiB",
-                "error %", "baseline MiB", "peak MiB", "load s"):
+    for col in ("stage", "engine", "status", "step ms", "eager ms", "ratio", "cpu ms", "eager cpu ms", "cpu ratio",
+                "footprint MiB", "predicted MiB", "error %", "baseline MiB", "peak MiB", "load s"):
         table.add_column(col, justify="left" if col in ("stage", "engine", "status") else "right")
 
     def f(v: Any, spec: str = "") -> str:
@@ -332,9 +342,11 @@ def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
 
     for r in rows:
         table.add_row(r.stage, r.engine, r.status if r.status == "ok" else f"{r.status}: {r.reason[:60]}",
-                      f(r.step_ms, ".1f"), f(r.eager_ms, ".1f"), f(r.ratio, ".2f"), f(r.footprint_mib, ".1f"),
+                      f(r.step_ms, ".1f"), f(r.eager_ms, ".1f"), f(r.ratio, ".2f"), f(r.step_cpu_ms, ".1f"),
+                      f(r.eager_cpu_ms, ".1f"), f(r.cpu_ratio, ".2f"), f(r.footprint_mib, ".1f"),
                       f(r.predicted_mib, ".1f"), f(r.error_pct, "+.1f"), f(r.baseline_mib, ".1f"),
                       f(r.peak_mib, ".1f"), f(r.model_load_s, ".2f"))
-    Console().print(table)
-    print("step ms: median excluding warm-up (min..max in --json); footprint = peak - baseline RSS of the "
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    print("step ms: median wall time per step excluding warm-up (min..max in --json); cpu ms: median CPU time "
+          "per step, all threads (robust to other load on the machine); footprint = peak - baseline RSS of the "
           "runtime's training process; predicted = manifest grads + optimizer state + activations")

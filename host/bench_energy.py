@@ -325,11 +325,11 @@ def bench_energy(serial: str, stage: str, model: str, engine: str, batch_size: i
     from fedblocks.testbed.adb_backend import AdbDevice
 
     console = Console(stderr=True, quiet=not show_progress)
-    with console.status(f"exporting {model} {stage} ({engine})"):
-        prep = prepare(model, stage, engine, batch_size, num_classes, input_shape, work)
     with console.status(f"connecting to {serial}"):
-        device = AdbDevice.connect(serial)
+        device = AdbDevice.connect(serial)  # first: a wrong serial fails in seconds, before the export
     try:
+        with console.status(f"exporting {model} {stage} ({engine})"):
+            prep = prepare(model, stage, engine, batch_size, num_classes, input_shape, work)
         # a virtual phone: its sandbox sets FEDBLOCKS_SYSFS_ROOT (its battery files are a model)
         probe = device.shell('getprop ro.product.manufacturer; echo "${FEDBLOCKS_SYSFS_ROOT:-}"', timeout_s=30)
         lines = [ln.strip() for ln in probe.stdout.splitlines()]

@@ -43,6 +43,7 @@ from .device import (
     DeviceConnectionError,
     DeviceError,
     DeviceTimeout,
+    DirEntry,
     ShellResult,
     TransferError,
     TransferProgress,
@@ -69,6 +70,20 @@ _CONNECTION_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 _T = TypeVar("_T")
+
+
+def _install_fast_checksum() -> None:
+    """adb-shell sums every payload byte in pure Python (~50 MB/s, holding the GIL: the
+    bottleneck when one host feeds 16 phones); the shared wire code computes the same
+    sum mod 2**32 with numpy (~1 GB/s). Same values (tests/testbed/test_adb_backend_faults.py)."""
+    import adb_shell.adb_device as adb_device_module
+    import adb_shell.adb_message as adb_message_module
+
+    adb_message_module.checksum = protocol.checksum  # used by AdbMessage.pack (sending)
+    adb_device_module.checksum = protocol.checksum   # used to verify what the device sends
+
+
+_install_fast_checksum()
 
 
 class _TcpTransport(BaseTransport):
@@ -406,6 +421,23 @@ class AdbDevice(Device):
                         transport_timeout_s=self.transfer_timeout_s, read_timeout_s=self.transfer_timeout_s)
 
         self._run(f"pull {remote!r}", run, idempotent=True)
+
+    def _list_raw(self, remote: str) -> list[DirEntry]:
+        def run(client: _AdbClient) -> list[DirEntry]:
+            return [DirEntry(_decode(f.filename), _mode_kind(f.mode), int(f.size))
+                    for f in client.list(remote, transport_timeout_s=self.transfer_timeout_s,
+                                         read_timeout_s=self.transfer_timeout_s)]
+
+        if self.size(remote) is not None or not self.exists(remote):
+            # sync LIST answers an empty listing for a missing path or a file: say so instead
+            raise DeviceError(f"{self.serial}: cannot list {remote!r}: not a directory")
+        return self._run(f"list {remote!r}", run, idempotent=True)
+
+
+def _mode_kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def _decode(data: bytes | bytearray) -> str:

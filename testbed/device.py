@@ -123,6 +123,15 @@ class JobStatus:
     state: str
 
 
+@dataclass(frozen=True)
+class DirEntry:
+    """One directory entry on a device; ``kind`` is "file", "dir" or "other" (links, devices)."""
+
+    name: str
+    kind: str
+    size: int
+
+
 @dataclass
 class TransferProgress:
     """Turns per-chunk sizes (what adb-shell reports) into a running (done, total) callback."""
@@ -264,6 +273,10 @@ class Device(ABC):
     @abstractmethod
     def _pull_raw(self, remote: str, local: Path, progress: TransferProgress) -> None:
         """Copy ``remote`` into the local file ``local`` (no verification)."""
+
+    @abstractmethod
+    def _list_raw(self, remote: str) -> list[DirEntry]:
+        """Entries of a device directory (names as the device sends them, unvalidated)."""
 
     def close(self) -> None:  # noqa: B027 - backends without a connection need nothing
         """Release the connection."""
@@ -430,6 +443,37 @@ class Device(ABC):
         finally:
             tmp.unlink(missing_ok=True)
         raise TransferError(f"pull {self.serial}:{remote} failed after {self.push_attempts} attempts: {last_problem}")
+
+    def listdir(self, path: str) -> list[DirEntry]:
+        """Entries of a device directory, sorted by name, without . and ..; a name that could
+        leave the directory when used on the host ('/', NUL, '..') is a DeviceError."""
+        entries = []
+        for entry in self._list_raw(path):
+            if entry.name in (".", ".."):
+                continue
+            if not entry.name or "/" in entry.name or "\0" in entry.name:
+                raise DeviceError(f"{self.serial}: unsafe file name {entry.name!r} in {path!r}")
+            entries.append(entry)
+        return sorted(entries, key=lambda e: e.name)
+
+    def pull_dir(self, remote: str, local: Path, *, max_files: int = 10_000) -> list[Path]:
+        """Copy a device directory tree (regular files and directories; links and other
+        special files are skipped) into ``local``; every file verified like pull()."""
+        local = Path(local)
+        pulled: list[Path] = []
+        pending = [(remote.rstrip("/"), local)]
+        while pending:
+            src, dst = pending.pop()
+            dst.mkdir(parents=True, exist_ok=True)
+            for entry in self.listdir(src):
+                if entry.kind == "dir":
+                    pending.append((f"{src}/{entry.name}", dst / entry.name))
+                elif entry.kind == "file":
+                    if len(pulled) >= max_files:
+                        raise TransferError(f"{self.serial}:{remote} holds more than {max_files} files")
+                    self.pull(f"{src}/{entry.name}", dst / entry.name)
+                    pulled.append(dst / entry.name)
+        return pulled
 
     # ----- identity ------------------------------------------------------------------------
     def properties(self) -> DeviceProperties:

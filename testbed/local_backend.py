@@ -11,7 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .device import Device, DeviceError, DeviceTimeout, ShellResult, TransferProgress
+from .device import Device, DeviceError, DeviceTimeout, DirEntry, ShellResult, TransferProgress
 
 _DECODE_ERRORS = "backslashreplace"
 
@@ -50,6 +50,19 @@ class LocalDevice(Device):
 
     def _pull_raw(self, remote: str, local: Path, progress: TransferProgress) -> None:
         _copy(Path(remote), Path(local), progress, f"pull from {self.serial}:{remote}")
+
+    def _list_raw(self, remote: str) -> list[DirEntry]:
+        try:
+            with os.scandir(remote) as it:
+                return [DirEntry(e.name, _kind(e), e.stat(follow_symlinks=False).st_size) for e in it]
+        except OSError as exc:
+            raise DeviceError(f"{self.serial}: cannot list {remote!r}: {exc.strerror or exc}") from exc
+
+
+def _kind(entry: os.DirEntry[str]) -> str:
+    if entry.is_symlink():
+        return "other"
+    return "dir" if entry.is_dir() else "file" if entry.is_file() else "other"
 
 
 def _copy(src: Path, dst: Path, progress: TransferProgress, what: str) -> None:

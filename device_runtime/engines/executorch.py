@@ -12,13 +12,19 @@ in numpy (sgd.py) to the live tensors.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from executorch.extension.training import _load_for_executorch_for_training
+import logging
 
-from ..spec import OptimizerConfig, StageSpec
-from .base import EngineError, TrainingEngine
-from .sgd import NumpySGD, RunningStats
+# executorch's import warns about torchao's optional CUDA kernels and a torch pytree deprecation.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from executorch.extension.training import _load_for_executorch_for_training  # noqa: E402
+
+from ..spec import OptimizerConfig, StageSpec  # noqa: E402
+from .base import EngineError, TrainingEngine  # noqa: E402
+from .sgd import NumpySGD, RunningStats  # noqa: E402
 
 
 class ExecuTorchEngine(TrainingEngine):

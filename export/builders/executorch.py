@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,14 @@ ENGINE = "executorch"
 ROLES: dict[str, str] = {"program": "pte"}
 
 
+# Loggers that warn on every import of executorch (torchao's optional CUDA kernels, a torch
+# pytree deprecation); silenced so a CLI error stays one line.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
 def check_available() -> None:
+    for name in _IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
     require_modules(ENGINE, "executorch.exir", "executorch.extension.training")
 
 

@@ -24,7 +24,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,23 @@ def fix_eval_batchnorm(model: Any) -> int:
     return fixed
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: ORT's gradient builder logs every graph pass at INFO
+    from C++ (set_default_logger_severity does not reach that logger). Errors still arrive as
+    Python exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _pin_ir(path: Path) -> None:
     import onnx
 
@@ -90,10 +110,8 @@ def build(stage: nn.Module, example_inputs: tuple[Tensor, ...], workdir: Path) -
     stage = rewrite_for_engine(stage, "ort")  # torch BatchNorm -> explicit (zoo models have none)
     check_available()
     import onnx
-    import onnxruntime
     from onnxruntime.training import artifacts
 
-    onnxruntime.set_default_logger_severity(3)  # the gradient builder logs every graph pass at INFO
     batch = int(example_inputs[0].shape[0])
     input_names = [s.name for s in stage.input_specs(batch)]
     output_names = [s.name for s in stage.output_specs(batch)]
@@ -122,7 +140,7 @@ def build(stage: nn.Module, example_inputs: tuple[Tensor, ...], workdir: Path) -
     previous = logging.getLogger().level
     logging.getLogger().setLevel(logging.WARNING)  # generate_artifacts logs every step at INFO
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _native_stderr_silenced():
             warnings.simplefilter("ignore")
             artifacts.generate_artifacts(
                 base, requires_grad=trainable, frozen_params=frozen_present, loss=_pass_through_loss(),

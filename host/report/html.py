@@ -15,7 +15,7 @@ CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px 32px; color: #222;
        max-width: 1500px; }
 h1 { margin-bottom: 4px; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 4px; margin-top: 36px; }
-h3 { margin-top: 24px; } .meta { color: #666; font-size: 13px; }
+h3 { margin-top: 28px; font-size: 20px; color: #333; } h4 { margin: 16px 0 4px; } .meta { color: #666; font-size: 13px; }
 nav { font-size: 13px; margin: 10px 0 18px; } nav a { margin-right: 12px; }
 table.data { border-collapse: collapse; font-size: 12.5px; margin: 8px 0 4px; }
 table.data th, table.data td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; vertical-align: top; }
@@ -43,7 +43,7 @@ def render_table(t: Table, collapsed: bool = False) -> str:
     if not t.rows:
         body = f'<p class="empty" id="{t.id}-empty">No rows: nothing of this kind recorded.</p>'
         table = f'<table class="data" id="{html.escape(t.id)}" data-rows="0"></table>'
-        return f"<h3>{html.escape(t.title)}</h3>{body}{table}<p class=\"caption\">{html.escape(t.caption)}</p>"
+        return f"<h4>{html.escape(t.title)}</h4>{body}{table}<p class=\"caption\">{html.escape(t.caption)}</p>"
     numeric = [any(isinstance(row[i], int | float) and not isinstance(row[i], bool) for row in t.rows)
                for i in range(len(t.columns))]
     head = "".join(f'<th class="{"num" if numeric[i] else "text"}" data-key="{html.escape(c.key)}">'
@@ -60,7 +60,7 @@ def render_table(t: Table, collapsed: bool = False) -> str:
              f"<tbody>{''.join(rows)}</tbody></table>")
     if collapsed:
         table = f"<details><summary>{len(t.rows)} rows — show</summary>{table}</details>"
-    return f"<h3>{html.escape(t.title)}</h3>{table}<p class=\"caption\">{html.escape(t.caption)}</p>"
+    return f"<h4>{html.escape(t.title)}</h4>{table}<p class=\"caption\">{html.escape(t.caption)}</p>"
 
 
 def render_plot(p: Plot) -> str:
@@ -134,10 +134,9 @@ def render_page(runs: Sequence[RunReport], summary: Table, top_plots: Sequence[P
             if key in plots:
                 parts.append(render_plot(plots[key]))
         parts.append(render_table(tables["energy"], collapsed=len(tables["energy"].rows) > 12))
-        parts.append('<h3 class="section">Devices</h3>')
+        parts.append('<h3 class="section">Devices and failures</h3>')
         parts.append(render_table(tables["devices"]))
         parts.append(render_table(tables["failures"], collapsed=len(tables["failures"].rows) > 12))
-        parts.append('<h3 class="section">Rounds and stages</h3>')
         parts.append(render_table(tables["rounds"], collapsed=len(tables["rounds"].rows) > 25))
         parts.append(render_table(tables["stages"]))
         parts.append("</section>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,10 @@ class Plot:
 
 def _svg(fig: Figure, plot_id: str) -> str:
     buf = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"fedblocks-{plot_id}"}):
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"fedblocks-{plot_id}"}), \
+            warnings.catch_warnings():
+        # layout advice ("constrained_layout not applied ...") is cosmetic: not the user's business
+        warnings.filterwarnings("ignore", category=UserWarning, module="matplotlib")
         fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buf.getvalue()
     start = text.find("<svg")
@@ -65,8 +69,10 @@ def _mark_stages(ax: Axes, run: RunReport, color: str, label_them: bool, by_time
         if i > 0:
             ax.axvline(x, color=color, linestyle=":", linewidth=0.9, alpha=0.7)
         if label_them:
-            ax.annotate(sid, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
-                        textcoords="offset points", fontsize=7, rotation=90, va="top", color="#555555")
+            ann = ax.annotate(sid, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                              textcoords="offset points", fontsize=7, rotation=90, va="top", color="#555555",
+                              annotation_clip=True)
+            ann.set_in_layout(False)  # a label must never squeeze the axes (one-round runs)
 
 
 # ---------------------------------------------------------------------------- accuracy + EM
@@ -114,8 +120,10 @@ def em_plot(runs: Sequence[RunReport]) -> Plot | None:
             if y is not None:
                 ax.plot([rnd], [y], marker="*", markersize=12, color=color,
                         label="block frozen" if i == 0 and j == 0 else None)
-            ax.annotate(f"{sid} frozen", xy=(rnd, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
-                        textcoords="offset points", fontsize=7, rotation=90, va="top", color=color)
+            ann = ax.annotate(f"{sid} frozen", xy=(rnd, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                              textcoords="offset points", fontsize=7, rotation=90, va="top", color=color,
+                              annotation_clip=True)
+            ann.set_in_layout(False)
     ax.set_xlabel("round")
     ax.set_ylabel("effective movement")
     ax.grid(alpha=0.3)
@@ -155,6 +163,9 @@ def memory_plot(run: RunReport, pid: str) -> Plot | None:
                        label=once("excluded by strategy (height: prediction)"))
             elif c.footprint_mb is not None:
                 ax.bar(x, c.footprint_mb, width * 0.9, color=color, label=once(f"measured: {sid}"))
+            elif c.predicted_mb is not None:  # not measured: a pale bar of the prediction, by stage
+                ax.bar(x, c.predicted_mb, width * 0.9, color=color, alpha=0.3,
+                       label=once(f"predicted, not measured: {sid}"))
             if c.predicted_mb is not None and not c.excluded:
                 ax.plot([x - width * 0.45, x + width * 0.45], [c.predicted_mb] * 2, color="black", linewidth=2,
                         label=once("predicted (manifest)"))

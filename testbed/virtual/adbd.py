@@ -191,6 +191,8 @@ class Connection:
             log(f"{self.peer}: protocol error, dropping the connection: {exc}")
         except StreamClosed:
             pass
+        except Exception as exc:  # a bug must cost one connection, not the phone
+            log(f"{self.peer}: internal error, dropping the connection: {exc!r}")
         finally:
             self.shutdown()
 
@@ -420,7 +422,7 @@ class AdbDaemon:
                     pass
 
     def _monitor(self) -> None:
-        """10 Hz: CPU use -> sysfs model; RSS -> low-memory killer; reap adopted zombies."""
+        """10 Hz until stopped; exits the process when its parent is gone."""
         last = time.monotonic()
         previous_ticks: dict[int, int] = {}
         parent = os.getppid()
@@ -432,28 +434,35 @@ class AdbDaemon:
                 os._exit(0)
             now = time.monotonic()
             dt, last = now - last, now
-            procs = proctree.scan()
-            phone_trees = proctree.trees(procs, self.pid)
-            ticks: dict[int, int] = {}
-            used = 0
-            for members in phone_trees.values():
-                for info in members:
-                    ticks[info.pid] = info.cpu_ticks
-                    used += max(0, info.cpu_ticks - previous_ticks.get(info.pid, 0))
-            previous_ticks = ticks
             try:
-                self.sysfs.step(dt, used / proctree.CLOCK_TICKS / dt if dt > 0 else 0.0)
-                self.sysfs.publish()
-            except OSError as exc:
-                log(f"sysfs: {exc}")
-            self.killer.check(phone_trees)
-            with self.spawn_lock:
-                for info in procs.values():
-                    if info.ppid == self.pid and info.state == "Z" and info.pid not in self.spawned:
-                        try:
-                            os.waitpid(info.pid, os.WNOHANG)
-                        except ChildProcessError:
-                            pass
+                previous_ticks = self._monitor_tick(dt, previous_ticks)
+            except Exception as exc:  # keep the models running whatever one tick hit
+                log(f"monitor: {exc!r}")
+
+    def _monitor_tick(self, dt: float, previous_ticks: dict[int, int]) -> dict[int, int]:
+        """One tick: CPU ticks since the last one -> sysfs; RSS -> LMK; reap adopted zombies."""
+        procs = proctree.scan()
+        phone_trees = proctree.trees(procs, self.pid)
+        ticks: dict[int, int] = {}
+        used = 0
+        for members in phone_trees.values():
+            for info in members:
+                ticks[info.pid] = info.cpu_ticks
+                used += max(0, info.cpu_ticks - previous_ticks.get(info.pid, 0))
+        try:
+            self.sysfs.step(dt, used / proctree.CLOCK_TICKS / dt if dt > 0 else 0.0)
+            self.sysfs.publish()
+        except OSError as exc:
+            log(f"sysfs: {exc}")
+        self.killer.check(phone_trees)
+        with self.spawn_lock:
+            for info in procs.values():
+                if info.ppid == self.pid and info.state == "Z" and info.pid not in self.spawned:
+                    try:
+                        os.waitpid(info.pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+        return ticks
 
 
 def log(message: str) -> None:

@@ -388,9 +388,11 @@ class SyncService:
     def _recv(self, path: str) -> None:
         try:
             source = self.sandbox.to_host(path)
+            # Regular files only: a FIFO would block this stream forever, a directory cannot be sent.
+            if not stat.S_ISREG(os.stat(source).st_mode):
+                self._emit(p.sync_fail(f"{path}: not a regular file"))
+                return
             with open(source, "rb") as f:
-                if stat.S_ISDIR(os.fstat(f.fileno()).st_mode):
-                    raise IsADirectoryError(f"{path}: is a directory")
                 while chunk := f.read(p.SYNC_DATA_MAX):
                     self._emit(p.sync_request(p.ID_DATA, chunk))
         except SandboxEscape as exc:

@@ -48,7 +48,7 @@ class Throttle:
                 try:
                     os.kill(info.pid, signal.SIGSTOP)
                     self._stopped.add(info.pid)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):
                     pass
             self._stop.wait(hold_s)
             self._resume()
@@ -57,6 +57,6 @@ class Throttle:
         for pid in list(self._stopped):
             try:
                 os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
             self._stopped.discard(pid)

@@ -197,3 +197,11 @@ def test_previous_bundle_is_replaced(tmp_path: Path) -> None:
     second = _run_failed(files)
     assert first != second and "data: sha256 mismatch" in second
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_corrupt_artifact_with_matching_hash_is_an_engine_error(tmp_path: Path) -> None:
+    """The file is what the host sent (sha256 matches) but no engine can load it: failed, reason from the engine."""
+    pytest.importorskip("fedblocks.device_runtime.engines.torch")
+    files = tiny_job(tmp_path)
+    reason = _run_failed(files)
+    assert reason.startswith("engine error: torch could not load the program")

@@ -37,6 +37,19 @@ def device_python(tmp: Path) -> Path:
     return env_dir / "bin" / "python"
 
 
+def numpy_only_python(tmp: Path) -> Path:
+    """A venv with numpy and nothing else: a phone where no engine is installed."""
+    env_dir = tmp / "numpy-only"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(env_dir)], check=True, capture_output=True)
+    site = env_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    for name in ("numpy", "numpy.libs"):
+        if (purelib / name).exists():
+            (site / name).symlink_to(purelib / name)
+    return env_dir / "bin" / "python"
+
+
 @pytest.fixture(scope="module")
 def pyz_and_python(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("pyz")
@@ -119,3 +132,34 @@ def test_runtime_imports_only_stdlib_numpy_and_engines() -> None:
                 continue
             bad.append(f"{path.relative_to(RUNTIME_DIR.parent)} imports {module}")
     assert not bad, "device_runtime must import only stdlib, numpy and its engine:\n" + "\n".join(bad)
+
+
+def test_engine_not_installed_is_a_failed_bundle(pyz_and_python: tuple[Path, Path], tmp_path: Path) -> None:
+    pyz, _ = pyz_and_python
+    python = numpy_only_python(tmp_path)
+    files = tiny_job(tmp_path)  # a valid job for engine "torch"; this device has no torch
+    proc = subprocess.run([str(python), str(pyz), "run", str(files.write())], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert files.status()["reason"] == "engine 'torch' is not installed (pip install torch==2.13.0)"
+
+
+def test_pyz_trains_a_real_stage_on_a_device_python(pyz_and_python: tuple[Path, Path], tmp_path: Path) -> None:
+    """ResNet-8 grow-2 with the torch engine through the pyz, on a Python where fedblocks is not importable."""
+    pytest.importorskip("fedblocks.device_runtime.engines.torch")
+    from .engine_fixtures import export_resnet8, write_job
+
+    pyz, python = pyz_and_python
+    exported = export_resnet8(("torch",), ("grow-2",))
+    rng = np.random.default_rng(0)
+    shard = {"x": rng.standard_normal((64, 3, 32, 32)).astype(np.float32),
+             "y": rng.integers(0, 10, 64).astype(np.int64)}
+    job = write_job(tmp_path / "work", exported, "grow-2", "torch", shard, epochs=None, max_steps=2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([str(python), str(pyz), "run", str(job)], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    bundle = job.parent / "result"
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["engine"] == "torch" and (bundle / "weights.npz").is_file()

@@ -298,3 +298,22 @@ def test_shell_v1_fallback_exit_codes(virtual_phone: object, adb_key: AdbKey) ->
     assert device.shell(["printf", "%s", "no newline"]).stdout == "no newline"
     assert device.shell("exit 0").exit_code == 0
     device.close()
+
+
+def test_fast_checksum_matches_adb_shells() -> None:
+    import adb_shell.adb_device
+    import adb_shell.adb_message
+
+    from fedblocks.testbed.adb import protocol
+
+    def reference(data: bytes | bytearray) -> int:  # adb-shell 0.4.4's own definition
+        return sum(data) & 0xFFFFFFFF
+
+    assert adb_shell.adb_message.checksum is protocol.checksum
+    assert adb_shell.adb_device.checksum is protocol.checksum
+    for size in (0, 1, 4095, 4096, 65536, 1 << 20, (1 << 20) + 3):
+        data = os.urandom(size)
+        assert protocol.checksum(data) == reference(data)
+        assert protocol.checksum(bytearray(data)) == reference(data)
+    big = b"\xff" * (17 << 20)  # sum exceeds 2**32: wraps like the reference
+    assert protocol.checksum(big) == reference(big)

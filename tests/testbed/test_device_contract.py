@@ -238,3 +238,21 @@ def test_push_to_an_unwritable_place_is_a_clear_error(device: Device, tmp_path: 
     local = _random_file(tmp_path / "x.bin", 100)
     with pytest.raises(DeviceError, match="mkdir -p '/proc/fedblocks-nope'"):
         device.push(local, "/proc/fedblocks-nope/x.bin")
+
+
+def test_listdir_and_pull_dir(device: Device, workdir: str, tmp_path: Path) -> None:
+    files = {"status.json": 100, "metrics.json": 2000, "sub/weights.npz": 300_000, "sub/deeper/a b;c": 10}
+    for rel, size in files.items():
+        device.push(_random_file(tmp_path / "src.bin", size), f"{workdir}/bundle/{rel}")
+    device.shell(["ln", "-s", "/etc/passwd", f"{workdir}/bundle/link"]).check("ln")
+    names = [(e.name, e.kind) for e in device.listdir(f"{workdir}/bundle")]
+    assert names == [("link", "other"), ("metrics.json", "file"), ("status.json", "file"), ("sub", "dir")]
+    pulled = device.pull_dir(f"{workdir}/bundle", tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in pulled) == sorted(files)
+    for rel in files:
+        assert sha256_file(tmp_path / "out" / rel) == device.sha256(f"{workdir}/bundle/{rel}")
+    assert not (tmp_path / "out" / "link").exists(), "links are not followed"
+    with pytest.raises(DeviceError, match="cannot list"):
+        device.listdir(f"{workdir}/missing")
+    with pytest.raises(DeviceError, match="cannot list"):
+        device.listdir(f"{workdir}/bundle/status.json")
