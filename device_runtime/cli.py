@@ -29,8 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
+        import signal
+
         from .runner import run_job
 
+        def terminated(signum: int, _frame: object) -> None:
+            # SIGTERM (e.g. the testbed cancelling a job): unwind so the training child is killed
+            # and the staging directory removed; no bundle is written for a cancelled job.
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, terminated)
         return run_job(args.job)
     if args.command == "build-pyz":
         from .pyz import build_runtime_pyz

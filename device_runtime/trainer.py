@@ -113,8 +113,21 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
     progress.emit("done")
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the supervisor dies (Linux/Android prctl)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's own cleanup still kills the child on a normal exit
+
+
 def child_main(plan_path: str, staging: str) -> int:
     """Entry of `python -m fedblocks.device_runtime _train PLAN STAGING`."""
+    die_with_parent()
     staging_dir = Path(staging)
     with open(staging_dir / "progress.jsonl", "a", encoding="utf-8") as stream:
         progress = Progress(stream)
@@ -125,7 +138,7 @@ def child_main(plan_path: str, staging: str) -> int:
             progress.emit("failed", reason=str(exc))
         except EngineError as exc:
             traceback.print_exc(file=sys.stderr)
-            progress.emit("failed", reason=f"engine error: {exc}"[:1000])
+            progress.emit("failed", reason=str(exc)[:1000])  # adapters' messages name the engine
         except MemoryError:
             progress.emit("failed", reason="out of memory inside the engine (MemoryError)")
         except Exception as exc:  # engine errors and anything unexpected: reported, never a crash

@@ -62,7 +62,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise ExportError(f"--input {text!r} is not a shape: use CxHxW, e.g. 3x32x32")
     shape = tuple(int(d) for d in cleaned.split("x"))
     if any(d <= 0 for d in shape):
-        raise ExportError(f"--input {text!r}: every dimension must be positive")
+        raise ExportError(f"--input {text!r}: every dimension must be positive, e.g. 3x32x32")
     return shape
 
 

@@ -24,7 +24,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Roles each engine's artifacts come in (docs/export.md says what each file is).
 ENGINE_ROLES: dict[str, tuple[str, ...]] = {
     "ort": ("training_model", "eval_model", "optimizer_model", "checkpoint"),
-    "executorch": ("program",),
+    "executorch": ("program", "frozen"),
     "torch": ("program",),
 }
 

@@ -158,8 +158,9 @@ def _memory_and_flops(stage: Any, batch_size: int) -> tuple[MemoryEntry, FlopsEn
     from fedblocks.export.flops import stage_flops
     from fedblocks.export.memory import predict_footprint
 
-    # momentum=True: the upper bound (one momentum buffer per trainable tensor); momentum is a job setting.
-    fp = predict_footprint(stage, batch_size, "sgd", momentum=True)
+    # Plain SGD (no optimizer state): momentum is a job setting; the runtime adds one buffer
+    # per trainable tensor (= grads_bytes) when a job uses momentum (device_runtime/runner.py).
+    fp = predict_footprint(stage, batch_size, "sgd", momentum=False)
     flops = stage_flops(stage, batch_size)
     memory = MemoryEntry(
         batch_size=batch_size,

@@ -94,6 +94,7 @@ class RunSettings:
     engine: str = "torch"
     eval_every: int = 1
     eval_max_samples: int | None = None
+    eval_batch_size: int = 256
     label: str = ""
 
     def fingerprint(self) -> str:
@@ -291,8 +292,8 @@ class HostModel:
             return torch.cat(out).numpy()
 
     def accuracy(self, weights: Mapping[str, np.ndarray], target: EvalTarget, x: np.ndarray,
-                 y: np.ndarray) -> float:
-        pred = self.logits(weights, target, x).argmax(axis=1)
+                 y: np.ndarray, batch: int = 256) -> float:
+        pred = self.logits(weights, target, x, batch).argmax(axis=1)
         return float((pred == y).mean())
 
 
@@ -829,7 +830,7 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
                 x_test, y_test = exp.dataset.x_test, exp.dataset.y_test
                 if settings.eval_max_samples is not None:
                     x_test, y_test = x_test[:settings.eval_max_samples], y_test[:settings.eval_max_samples]
-                accuracy = exp.host_model.accuracy(weights, target, x_test, y_test)
+                accuracy = exp.host_model.accuracy(weights, target, x_test, y_test, settings.eval_batch_size)
                 history["final_accuracy"] = accuracy
             losses = [float(np.mean([v for v in j.metrics.get("loss", []) if v is not None]))
                       for j in accepted if any(v is not None for v in j.metrics.get("loss", []))]
@@ -943,7 +944,7 @@ def settings_from_config(cfg: Any) -> RunSettings:
         local_epochs=t.local_epochs, max_steps=t.max_steps, batch_size=t.batch_size, lr=t.optimizer.lr,
         momentum=t.optimizer.momentum, weight_decay=t.optimizer.weight_decay,
         weighted_aggregation=t.weighted_aggregation, seed=t.seed, deadline_s=t.deadline_s, engine=c.engine,
-        eval_every=cfg.evaluation.every, label=cfg.name)
+        eval_every=cfg.evaluation.every, eval_batch_size=cfg.evaluation.batch_size, label=cfg.name)
 
 
 def _plain_params(params: Mapping[str, Any]) -> dict[str, Any]:

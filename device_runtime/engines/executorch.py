@@ -2,8 +2,9 @@
 
 The .pte's method ``forward(*stage_inputs, *frozen)`` returns the stage outputs
 and (internally) the gradients of the trainable parameters; frozen tensors are
-program inputs (export/builders/executorch.py) so they are set by name here and
-passed on every step. ``named_parameters()`` returns the program's live weight
+program inputs (export/builders/executorch.py): their export-time values come from
+the ``frozen`` artifact (.npz), set_weights may replace any of them by name, and
+they are passed on every step. ``named_parameters()`` returns the program's live weight
 tensors, but only after one ``forward_backward`` has run; setting trainable
 weights before the first step therefore runs one warm-up forward_backward on
 zero inputs (its gradients are discarded). SGD with torch semantics is applied
@@ -13,6 +14,7 @@ in numpy (sgd.py) to the live tensors.
 from __future__ import annotations
 
 import logging
+import zipfile
 
 # executorch's import warns about torchao's optional CUDA kernels and a torch pytree deprecation.
 for _noisy in ("torchao", "torch.utils._pytree"):
@@ -29,7 +31,7 @@ from .sgd import NumpySGD, RunningStats  # noqa: E402
 
 class ExecuTorchEngine(TrainingEngine):
     name = "executorch"
-    artifact_roles = ("program",)
+    artifact_roles = ("program", "frozen")
 
     def __init__(self, stage: StageSpec, artifacts: dict[str, str], optimizer: OptimizerConfig) -> None:
         super().__init__(stage, artifacts, optimizer)
@@ -39,8 +41,22 @@ class ExecuTorchEngine(TrainingEngine):
             raise EngineError(f"executorch could not load the program: {str(exc).splitlines()[0]}") from None
         self._trainable = [t.name for t in stage.trainable]
         self._frozen: dict[str, torch.Tensor | None] = {t.name: None for t in stage.frozen}
+        self._load_frozen_defaults(artifacts["frozen"])
         self._sgd = NumpySGD(optimizer)
         self._stats = RunningStats(stage)
+
+    def _load_frozen_defaults(self, path: str) -> None:
+        """The export-time frozen values (the builder's frozen.npz); set_weights may replace them."""
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                values = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise EngineError(f"executorch: frozen tensors file is not a valid .npz: {exc}") from None
+        for spec in self.stage.frozen:
+            value = values.get(spec.name)
+            if value is None or tuple(value.shape) != spec.shape or value.dtype.name != spec.dtype:
+                raise EngineError(f"executorch: frozen tensors file lacks '{spec.name}' {list(spec.shape)} {spec.dtype}")
+            self._frozen[spec.name] = torch.from_numpy(value)
 
     def _run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         missing = [n for n, v in self._frozen.items() if v is None]

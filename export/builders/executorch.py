@@ -11,8 +11,10 @@ Program signature: ``forward(*stage_inputs, *frozen_tensors)``. ExecuTorch bakes
 non-trainable weights into the program as constants, and a device must be able
 to replace frozen blocks by name (ProFL freezes blocks trained in earlier stages),
 so every tensor of the stage's ``frozen`` list is a program input, in that order,
-after the stage inputs. Trainable parameters are the program's parameters, named
-by their global names (``TrainingModule.named_parameters()``).
+after the stage inputs. Their export-time values ship beside the program as the
+``frozen`` artifact (an .npz by global name), the defaults a device uses when a job
+does not set them. Trainable parameters are the program's parameters, named by
+their global names (``TrainingModule.named_parameters()``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from torch import Tensor, nn
 
 from fedblocks.export.builders import failing_operator, first_line, require_modules, stage_label
 from fedblocks.export.errors import ExportError
+from fedblocks.export.weights import weights_to_bytes
 
 ENGINE = "executorch"
-ROLES: dict[str, str] = {"program": "pte"}
+ROLES: dict[str, str] = {"program": "pte", "frozen": "npz"}
 
 
 # Loggers that warn on every import of executorch (torchao's optional CUDA kernels, a torch
@@ -102,4 +105,8 @@ def build(stage: nn.Module, example_inputs: tuple[Tensor, ...], workdir: Path) -
         raise ExportError(f"engine 'executorch' cannot export {stage_label(stage)}: {what}") from None
     path = workdir / "program.pte"
     path.write_bytes(buffer)
-    return {"program": path}
+    frozen_path = workdir / "frozen.npz"
+    frozen_names = [s.name for s in stage.frozen_specs()]
+    frozen_path.write_bytes(weights_to_bytes(dict(zip(frozen_names, (t.numpy() for t in inputs[len(example_inputs):]),
+                                                      strict=True))))
+    return {"program": path, "frozen": frozen_path}

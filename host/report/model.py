@@ -394,7 +394,7 @@ def build_run_report(run_dir: Path, run: RunRow, config: dict[str, Any], rounds:
     jobs = [_job_report(r) for r in job_rows]
     client_serial = {j.row.client: j.device for j in jobs if j.row.client is not None}
     devices = _devices(jobs, device_rows, settings, num_clients, client_serial)
-    respects_budgets = strategy not in (None, "fedavg")
+    respects_budgets = _respects_budgets(strategy)
     memory, excluded = _memory(jobs, devices, stages, rounds, respects_budgets)
     devices = [_with_exclusions(d, excluded.get(d.key, [])) for d in devices]
     timings = [_round_timing(r, [j for j in jobs if j.row.round == r.round]) for r in rounds]
@@ -406,6 +406,16 @@ def build_run_report(run_dir: Path, run: RunRow, config: dict[str, Any], rounds:
                        summary=summary, notes=notes)
     report.notes.extend(_notes(report, device_rows, settings))
     return report
+
+
+def _respects_budgets(strategy: str | None) -> bool:
+    """Whether the strategy gives a stage only to clients whose budget fits its prediction."""
+    if strategy is None:
+        return False
+    from fedblocks.host.strategies import STRATEGIES
+
+    cls = STRATEGIES.get(strategy)
+    return bool(getattr(cls, "respects_budgets", False)) if cls is not None else False
 
 
 def _job_report(row: DeviceJobRow) -> JobReport:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import matplotlib
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedblocks.host.report.model import MODELLED_SOURCE, RunReport, is_measured, source_label
 
@@ -92,6 +93,7 @@ def accuracy_plot(runs: Sequence[RunReport]) -> Plot | None:
         _mark_stages(by_round, r, color, single, by_time=False)
         _mark_stages(by_time, r, color, single, by_time=True)
     by_round.set_xlabel("round")
+    by_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_time.set_xlabel("wall-clock time since the run started, min")
     for ax in (by_round, by_time):
         ax.set_ylabel("test accuracy")
@@ -125,6 +127,7 @@ def em_plot(runs: Sequence[RunReport]) -> Plot | None:
                               annotation_clip=True)
             ann.set_in_layout(False)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("effective movement")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -223,6 +226,7 @@ def round_time_plot(run: RunReport, pid: str) -> Plot | None:
         ax.bar(x, vals, bottom=bottom, color=PHASE_COLORS[phase], label=label)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("seconds")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -259,6 +263,7 @@ def energy_round_plot(run: RunReport, pid: str) -> Plot | None:
                         label=dev)
         ax.set_ylabel("J per round")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncols=4)
         ax.set_title(f"Energy per round per device — {source_label(source)}", fontsize=10)
@@ -328,6 +333,7 @@ def battery_plot(run: RunReport, pid: str) -> Plot | None:
     temp.set_xlabel("round")
     temp.set_ylabel("°C")
     for ax in (bat, temp):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7, ncols=3)

@@ -167,10 +167,10 @@ def memory_table(r: RunReport, prefix: str) -> Table:
     for c in r.memory:
         if c.excluded:
             state = "excluded by strategy (budget < predicted)"
+        elif c.oom_killed:
+            state = f"{c.oom_killed} oom_killed" + (" (modelled: prediction over budget)" if c.modelled else "")
         elif c.modelled:
             state = "not measured (prediction vs budget only)"
-        elif c.oom_killed:
-            state = f"{c.oom_killed} oom_killed"
         else:
             state = "ok"
         rows.append((c.device, c.stage_id, c.jobs, _r(c.footprint_mb, 3), _r(c.peak_rss_mb, 3),

@@ -204,4 +204,38 @@ def test_corrupt_artifact_with_matching_hash_is_an_engine_error(tmp_path: Path) 
     pytest.importorskip("fedblocks.device_runtime.engines.torch")
     files = tiny_job(tmp_path)
     reason = _run_failed(files)
-    assert reason.startswith("engine error: torch could not load the program")
+    assert reason.startswith("torch could not load the program")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_sigterm_kills_the_child_and_leaves_nothing_half_written(tmp_path: Path) -> None:
+    """A cancelled job (SIGTERM to the runtime) kills its training child and removes the staging dir."""
+    import signal
+    import time
+
+    pytest.importorskip("fedblocks.device_runtime.engines.torch")
+    files = tiny_job(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "fedblocks.device_runtime", "run", str(files.write())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _processes_mentioning(f"{tmp_path}/.result.tmp-"):
+        time.sleep(0.05)  # wait until the training child exists (it then imports torch for a while)
+    assert _processes_mentioning(f"{tmp_path}/.result.tmp-"), "training child never started"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    time.sleep(0.2)
+    assert _processes_mentioning(f"{tmp_path}/.result.tmp-") == []
+    assert not (tmp_path / "result").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -144,6 +144,7 @@ def test_engine_not_installed_is_a_failed_bundle(pyz_and_python: tuple[Path, Pat
     assert files.status()["reason"] == "engine 'torch' is not installed (pip install torch==2.13.0)"
 
 
+@pytest.mark.slow
 def test_pyz_trains_a_real_stage_on_a_device_python(pyz_and_python: tuple[Path, Path], tmp_path: Path) -> None:
     """ResNet-8 grow-2 with the torch engine through the pyz, on a Python where fedblocks is not importable."""
     pytest.importorskip("fedblocks.device_runtime.engines.torch")

@@ -96,7 +96,8 @@ def check_parity(export_dir: Path, stage_id: str, engine_name: str) -> None:
     artifacts = {role: str(export_dir / ref.path) for role, ref in entry.artifacts[engine_name].items()}
     engine = load_engine(engine_name, stage, artifacts, OPTIMIZER)
     try:
-        names = [t.name for t in stage.trainable] + [s.name for s in stage.state] + [t.name for t in stage.frozen]
+        # What a device job sets (device_runtime/weights.py): trainable + state; frozen come from the artifacts.
+        names = [t.name for t in stage.trainable] + [s.name for s in stage.state]
         engine.set_weights({n: init[n] for n in names})
         frozen_start = frozen_values(engine)
         assert set(frozen_start) or not stage.frozen
@@ -122,6 +123,29 @@ def check_parity(export_dir: Path, stage_id: str, engine_name: str) -> None:
 @pytest.mark.parametrize("stage_id", RESNET8_STAGES)
 def test_resnet8_parity(resnet8_export: Path, stage_id: str, engine_name: str) -> None:
     check_parity(resnet8_export, stage_id, engine_name)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_frozen_tensors_can_be_replaced_by_name(resnet8_export: Path, engine_name: str) -> None:
+    """ProFL freezes blocks trained in earlier stages: a device may overwrite frozen tensors by name."""
+    manifest = Manifest.load(resnet8_export / "manifest.json")
+    entry = manifest.stage("grow-2")
+    stage = StageSpec.from_dict(entry.to_dict())
+    init = load_weights(resnet8_export / manifest.model.init_weights.path)
+    changed = {**init, **{t.name: (init[t.name] * 0.5 if t.name.endswith("weight") else init[t.name])
+                          for t in stage.frozen}}
+    batch = make_batches(stage, manifest.model.num_classes, seed=3)[0]
+    reference = eager_reference(manifest, "grow-2", changed, [batch])[0][0]
+    baseline = eager_reference(manifest, "grow-2", init, [batch])[0][0]
+    assert abs(reference - baseline) > 1e-3  # the change matters
+    artifacts = {role: str(resnet8_export / ref.path) for role, ref in entry.artifacts[engine_name].items()}
+    engine = load_engine(engine_name, stage, artifacts, OPTIMIZER)
+    try:
+        names = [t.name for t in stage.trainable] + [s.name for s in stage.state] + [t.name for t in stage.frozen]
+        engine.set_weights({n: changed[n] for n in names})
+        np.testing.assert_allclose(engine.step(batch), reference, rtol=1e-4)
+    finally:
+        engine.close()
 
 
 @pytest.fixture(scope="module")

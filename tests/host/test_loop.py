@@ -72,3 +72,20 @@ def test_fedavg_run_records_rounds_jobs_and_summary(tmp_path: Path) -> None:
     assert [tuple(r) for r in jobs] == [(r, c, "ok", 32, "modelled") for r in (1, 2) for c in range(3)]
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["weights_sha256"] == summary.weights_sha256
+
+
+def test_cli_config_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedblocks.host.cli import main
+
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(quickstart.read_text().replace("rounds = 8", "rounds = -3"))
+    assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedblocks run: error: config: training.rounds: must be an integer >= 1, got -3"]
+    typo = tmp_path / "typo.toml"
+    typo.write_text(quickstart.read_text().replace('compare_with = ["exclusivefl"]', 'compare_with = ["exclusivfl"]'))
+    assert main(["run", str(typo), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown strategy 'exclusivfl'" in capsys.readouterr().err
+    assert main(["run", str(quickstart), "--out", str(tmp_path / "a"), "--resume", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "r").exists()

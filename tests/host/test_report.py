@@ -327,3 +327,28 @@ def test_opens_in_headless_chromium(compared: ReportResult, tmp_path: Path) -> N
         non_white = sum(n for n, c in colors if sum(c) < 720)
     assert len(colors) > 200, "a near-uniform screenshot: the page did not render"
     assert non_white > 0.05 * 1400 * 4000, "the screenshot is almost blank"
+
+
+def test_a_run_with_nothing_recorded_yet_and_a_flat_config(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from fedblocks.host.loop import RunSettings
+    from fedblocks.host.store import RunStore
+
+    RunStore.create(tmp_path / "new", asdict(RunSettings(strategy="fedavg", rounds=7))).close()
+    result = build_report([tmp_path / "new"], tmp_path / "r.html", csv_dir=tmp_path / "csv")
+    (run,) = result.runs
+    assert (run.strategy, run.model, run.summary.rounds_planned) == ("fedavg", "resnet8", 7)
+    notes = " ".join(n.text for n in run.notes)
+    assert "still in progress" in notes and "no rounds recorded yet" in notes
+    page = parse(result.html)
+    assert page.svgs == [] and page.tables["rounds"]["rows"] == []
+    assert "No evaluated round yet" in result.html.read_text(encoding="utf-8")
+
+
+def test_a_file_that_is_not_a_run_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "run.sqlite").write_bytes(b"this is not sqlite" * 100)
+    assert main(["report", str(tmp_path / "bad"), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run.sqlite" in err

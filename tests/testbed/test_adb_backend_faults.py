@@ -42,6 +42,8 @@ class FaultProxy:
         self.listener = socket.create_server(("127.0.0.1", self.port))
         self.cut_after: int | None = None
         self.cut_every = False
+        self.stall_after: int | None = None  # next connection: stop forwarding (silently) after N bytes
+        self.stalls = 0
         self.corrupt_to_device = False
         self.corrupt_to_host = False
         self.connections = 0
@@ -74,7 +76,8 @@ class FaultProxy:
                 limit = self.cut_after
                 if limit is not None and not self.cut_every:
                     self.cut_after = None
-            state = {"sent": 0, "limit": limit}
+                stall, self.stall_after = self.stall_after, None
+            state = {"sent": 0, "limit": limit, "stall": stall}
             threading.Thread(target=self._pump, args=(client, server, True, state), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False, state), daemon=True).start()
 
@@ -90,6 +93,15 @@ class FaultProxy:
                     payload = bytes(flipped)
                     header = HEADER.pack(cmd, arg0, arg1, length, sum(payload) & 0xFFFFFFFF, magic)
                 message = header + payload
+                if to_device and state["stall"] is not None:
+                    state["sent"] += len(message)
+                    if state["sent"] > state["stall"]:
+                        with self._lock:
+                            self.stalls += 1
+                        # a wedged link: the socket stays open, nothing moves any more
+                        while src.recv(65536):
+                            pass
+                        break
                 if to_device and state["limit"] is not None:
                     room = state["limit"] - state["sent"]
                     if len(message) >= room:
@@ -174,6 +186,21 @@ def test_connection_cut_mid_push_is_retried(proxy: FaultProxy, via_proxy: AdbDev
     assert via_proxy.reconnects >= 1
     assert via_proxy.sha256(remote) == sha256_file(local)
     via_proxy.remove(remote)
+
+
+def test_stalled_push_times_out_and_is_retried(proxy: FaultProxy, pick_port: Callable[[], int],
+                                               adb_key: AdbKey, tmp_path: Path) -> None:
+    """adb-shell issue #205: a push that stops moving must not hang (here: 2 s, then a retry)."""
+    device = AdbDevice.connect(proxy.serial, keys=[adb_key], transport_timeout_s=2, transfer_timeout_s=2)
+    local = _blob(tmp_path, 3_000_000)
+    proxy.stall_after = 1_000_000
+    device.close()
+    start = time.monotonic()
+    device.push(local, f"{device.base_dir}/faults/stall.bin")
+    assert proxy.stalls == 1 and device.reconnects >= 1
+    assert time.monotonic() - start < 20
+    assert device.sha256(f"{device.base_dir}/faults/stall.bin") == sha256_file(local)
+    device.close()
 
 
 def test_connection_cut_on_every_attempt_is_a_clear_error(proxy: FaultProxy, via_proxy: AdbDevice,

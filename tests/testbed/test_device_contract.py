@@ -256,3 +256,15 @@ def test_listdir_and_pull_dir(device: Device, workdir: str, tmp_path: Path) -> N
         device.listdir(f"{workdir}/missing")
     with pytest.raises(DeviceError, match="cannot list"):
         device.listdir(f"{workdir}/bundle/status.json")
+
+
+def test_one_device_shared_by_threads(device: Device, workdir: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i: int) -> tuple[str, int]:
+        res = device.shell(f"echo thread-{i}; exit {i}")
+        return res.stdout, res.exit_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(work, range(24)))
+    assert results == [(f"thread-{i}\n", i) for i in range(24)]
