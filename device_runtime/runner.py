@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 import zipimport
 from pathlib import Path
 from statistics import median
@@ -135,7 +136,11 @@ def run_job(job_path: Path) -> int:
             except JobError as exc:
                 reason = str(exc)
             else:
-                status, reason = _train_supervised(job, writer.staging, metrics)
+                try:
+                    status, reason = _train_supervised(job, writer.staging, metrics)
+                except Exception as exc:  # a runtime bug must still end in a bundle, not a traceback alone
+                    traceback.print_exc(file=sys.stderr)
+                    status, reason = "failed", f"runtime internal error: {type(exc).__name__}: {exc}"[:500]
         final = writer.commit(job_id, status, reason, metrics)
     except BundleError as exc:
         writer.discard()
@@ -144,14 +149,10 @@ def run_job(job_path: Path) -> int:
     except BaseException:
         writer.discard()  # never leave a half-written staging directory behind
         raise
-    print(f'{{"job_id": {_json_str(job_id)}, "status": "{status}", "bundle": {_json_str(str(final))}}}')
+    print(json.dumps({"job_id": job_id, "status": status, "bundle": str(final)}))
     if status != "ok":
         print(f"fedblocks-runtime: {status}: {reason}", file=sys.stderr)
     return EXIT_OK if status == "ok" else EXIT_NOT_OK
-
-
-def _json_str(value: str | None) -> str:
-    return json.dumps(value)
 
 
 def _train_supervised(job: Job, staging: Path, metrics: dict[str, Any]) -> tuple[str, str]:

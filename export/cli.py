@@ -81,6 +81,10 @@ def _parse_spec(args: argparse.Namespace) -> Any:
         raise ExportError(f"unknown model '{args.model}': choose one of {', '.join(MODEL_NAMES)}")
     shape = parse_shape(args.input)
     engines = _list(args.engines) or ()
+    stages = _list(args.stages)
+    for option, items in (("--engines", engines), ("--stages", stages or ())):
+        if len(set(items)) != len(items):
+            raise ExportError(f"{option} names an item twice: {','.join(items)}")
     for engine in engines:
         if engine not in ENGINES:
             raise ExportError(f"unknown engine '{engine}' in --engines: choose from {', '.join(ENGINES)}")
@@ -91,7 +95,7 @@ def _parse_spec(args: argparse.Namespace) -> Any:
         batch_size=_int(args.batch_size, "--batch-size", 2),
         engines=engines,
         num_blocks=None if args.blocks is None else _int(args.blocks, "--blocks", 2),
-        stages=_list(args.stages),
+        stages=stages,
         seed=_int(args.seed, "--seed", 0),
     )
 

@@ -220,6 +220,7 @@ def engine_artifact(ctx: _Context, stage_id: str, engine: str) -> dict[str, Arti
         except (ExportError, KeyError, TypeError, AttributeError):
             pass
     module = builders.builder(engine)
+    module.check_available()
     stage = stage_program(_ctx_model(ctx), stage_id)
     example_inputs = stage.example_inputs(spec.batch_size, spec.seed)
     with ctx.store.scratch() as workdir:
@@ -250,7 +251,7 @@ def export_model_with_stats(
     """:func:`export_model` plus the list of "stage/engine" artifacts that were built (not cached)."""
     spec.validate()
     for engine in spec.engines:
-        builders.builder(engine).check_available()
+        builders.check_installed(engine)  # cheap; the full import happens only if something must be built
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} exists and is not a directory")

@@ -771,6 +771,30 @@ def _job_row(rnd: int, j: _JobResult, exp: Experiment, stage_id: str, serial: st
         metrics_json=json.dumps(m, default=_json_default) if m else None)
 
 
+def _calibrate_footprint(exp: Experiment, stage_id: str, jobs: list[_JobResult]) -> tuple[float, float] | None:
+    """Raise a stage's footprint to what the phones measured, so later eligibility is real.
+
+    The export-time prediction leaves out the engine's own allocations (ORT's arena,
+    gradient buffers...); the first time phones run a stage, the largest training
+    footprint they measured (or the usage an out-of-memory kill reported) replaces the
+    prediction when it is higher. Returns (old, new) MB when it changed.
+    """
+    measured: list[float] = []
+    for j in jobs:
+        mem = j.metrics.get("memory") if isinstance(j.metrics.get("memory"), dict) else {}
+        fp = _finite_or_none(mem.get("footprint_bytes"))
+        if j.status == "oom_killed" and mem.get("budget_applies_to") == "footprint":
+            kill = _finite_or_none(mem.get("kill_usage_bytes"))
+            fp = kill if kill is not None else fp
+        if fp is not None:
+            measured.append(fp / MIB)
+    old = exp.footprint_mb[stage_id]
+    if measured and max(measured) > old:
+        exp.footprint_mb[stage_id] = max(measured)
+        return old, max(measured)
+    return None
+
+
 def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: Progress | None = None,
                    wrap_executor: Callable[[ClientExecutor], ClientExecutor] | None = None) -> RunSummary:
     """Run (or resume) one experiment into `run_dir`; returns its summary (also written to summary.json).
@@ -800,6 +824,7 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
         done, weights, state = load_checkpoint(run_dir, settings)
         exp.strategy.load_state_dict(state["strategy_state"])
         history = dict(state.get("history", history))
+        exp.footprint_mb.update(history.get("footprint_mb") or {})  # calibrations measured before the stop
         start_round = done + 1
         progress.message(f"resuming after round {done}")
     recorder = Recorder(run_dir, store_config, settings, resume)
@@ -853,6 +878,9 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
                 history["stages_used"].append(plan.stage_id)
             history["rejected"] += sum(1 for j in jobs if j.status not in ("ok", "straggler"))
             history["stragglers"] += sum(1 for j in jobs if j.status == "straggler")
+            calibrated = _calibrate_footprint(exp, plan.stage_id, jobs)
+            if calibrated is not None:
+                history["footprint_mb"] = dict(exp.footprint_mb)
             events = exp.strategy.after_round(rnd, weights, {"accuracy": accuracy})
             record = RoundRecord(
                 round=rnd, stage_id=plan.stage_id, selected=list(plan.client_ids),
@@ -872,6 +900,11 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
                     recorder.event(rnd, "result_excluded", f"round {rnd} client {j.client_id}: {j.status}: {j.reason}",
                                    {"client": j.client_id, "status": j.status, "reason": j.reason}, level="warning")
             em = None
+            if calibrated is not None:
+                recorder.event(rnd, "footprint_calibrated", f"{plan.stage_id}: phones measured "
+                               f"{calibrated[1]:.1f} MB (predicted {calibrated[0]:.1f} MB); eligibility now uses "
+                               "the measured figure", {"stage": plan.stage_id, "predicted_mb": calibrated[0],
+                                                       "measured_mb": calibrated[1]})
             for ev in events:
                 recorder.event(rnd, ev.kind, ev.message, ev.data)
                 if ev.kind == "effective_movement":

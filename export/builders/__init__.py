@@ -8,7 +8,9 @@ importable) and ``build(stage, example_inputs, workdir) -> dict[role, Path]``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
+import sys
 from types import ModuleType
 
 from fedblocks.export.errors import ExportError
@@ -26,6 +28,26 @@ def builder(engine: str) -> ModuleType:
     if engine not in ENGINES:
         raise ExportError(f"unknown engine '{engine}': choose from {', '.join(ENGINES)}")
     return importlib.import_module(f"fedblocks.export.builders.{engine}")
+
+
+# Top-level packages an engine needs; checked without importing them (importing executorch
+# alone takes seconds, and a warm re-export never needs an engine).
+ENGINE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "ort": ("onnx", "onnxruntime"),
+    "executorch": ("executorch",),
+    "torch": ("torch",),
+}
+
+
+def check_installed(engine: str) -> None:
+    """ExportError 'engine ... is not installed' when a package of ``engine`` cannot be found."""
+    for package in ENGINE_PACKAGES[engine]:
+        if package in sys.modules:
+            found = sys.modules[package] is not None  # None: an import that is known to fail
+        else:
+            found = importlib.util.find_spec(package) is not None
+        if not found:
+            raise ExportError(f"engine '{engine}' is not installed ({INSTALL_HINTS[engine]})")
 
 
 def require_modules(engine: str, *modules: str) -> None:

@@ -45,6 +45,7 @@ from .throttle import Throttle
 FEATURES = ["shell_v2", "cmd"]
 MAX_AUTH_FAILURES = 16
 MONITOR_PERIOD_S = 0.1
+IDLE_MONITOR_PERIOD_S = 1.0   # nothing running on the phone: nothing to measure or throttle
 
 
 class StreamClosed(Exception):
@@ -349,9 +350,13 @@ class AdbDaemon:
         self.spawn_lock = threading.Lock()
         self.spawned: set[int] = set()
         self.pid = os.getpid()
+        self._scanner = proctree.PhoneScanner(self.pid)
         self.sysfs = SysfsModel(self.sandbox.root, self.profile, config.state_file)
         self.killer = MemoryKiller(self.profile.memory_budget_mb, self.sandbox.lmk_log)
-        self.throttle = Throttle(self.profile.cpu_speed, self.pid)
+        # Set when a command starts; cleared by the monitor once the phone has no process left.
+        self.busy = threading.Event()
+        self.phone_pids: list[int] = []   # live processes of the phone, refreshed by the monitor
+        self.throttle = Throttle(self.profile.cpu_speed, lambda: self.phone_pids, self.busy)
         self.listener: socket.socket | None = None
 
     def next_stream_id(self) -> int:
@@ -427,7 +432,11 @@ class AdbDaemon:
         previous_ticks: dict[int, int] = {}
         parent = os.getppid()
         while self.running:
-            time.sleep(MONITOR_PERIOD_S)
+            # 10 Hz while the phone runs anything, 1 Hz when idle (a spawn wakes us at once).
+            if self.busy.is_set():
+                time.sleep(MONITOR_PERIOD_S)
+            else:
+                self.busy.wait(IDLE_MONITOR_PERIOD_S)
             if os.getppid() != parent:  # whoever started us is gone: do not linger as an orphan server
                 log("parent process exited; shutting down")
                 self.stop()
@@ -441,8 +450,9 @@ class AdbDaemon:
 
     def _monitor_tick(self, dt: float, previous_ticks: dict[int, int]) -> dict[int, int]:
         """One tick: CPU ticks since the last one -> sysfs; RSS -> LMK; reap adopted zombies."""
-        procs = proctree.scan()
-        phone_trees = proctree.trees(procs, self.pid)
+        phone_trees = self._scanner.scan()
+        self.phone_pids = [info.pid for infos in phone_trees.values() for info in infos
+                           if info.state not in ("Z", "X")]
         ticks: dict[int, int] = {}
         used = 0
         for members in phone_trees.values():
@@ -456,8 +466,11 @@ class AdbDaemon:
             log(f"sysfs: {exc}")
         self.killer.check(phone_trees)
         with self.spawn_lock:
-            for info in procs.values():
-                if info.ppid == self.pid and info.state == "Z" and info.pid not in self.spawned:
+            if not phone_trees and not self.spawned:
+                self.busy.clear()   # only our descendants can add processes to the phone
+            for infos in phone_trees.values():
+                info = infos[0]   # the tree's root, a child of adbd
+                if info.state == "Z" and info.pid not in self.spawned:
                     try:
                         os.waitpid(info.pid, os.WNOHANG)
                     except ChildProcessError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from dataclasses import dataclass
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -67,6 +68,37 @@ def trees(procs: dict[int, ProcInfo], root_pid: int) -> dict[int, list[ProcInfo]
             stack.extend(children.get(pid, []))
         result[top] = members
     return result
+
+
+class PhoneScanner:
+    """Repeated scans of one phone's processes, skipping processes known not to be ours.
+
+    A process that is not a descendant of the root cannot become one (re-parenting only
+    moves a subreaper's own descendants to it), so after one read it is skipped; the
+    skip list is dropped every ``refresh_s`` in case its pid was reused by a new process.
+    """
+
+    def __init__(self, root_pid: int, refresh_s: float = 0.5) -> None:
+        self.root_pid = root_pid
+        self.refresh_s = refresh_s
+        self._foreign: set[int] = set()
+        self._refreshed = 0.0
+
+    def scan(self) -> dict[int, list[ProcInfo]]:
+        now = time.monotonic()
+        if now - self._refreshed > self.refresh_s:
+            self._foreign.clear()
+            self._refreshed = now
+        pids = {int(entry) for entry in os.listdir("/proc") if entry.isdigit()}
+        procs: dict[int, ProcInfo] = {}
+        for pid in pids - self._foreign:
+            info = read_proc(pid)
+            if info is not None:
+                procs[pid] = info
+        phone = trees(procs, self.root_pid)
+        members = {info.pid for infos in phone.values() for info in infos}
+        self._foreign = (self._foreign & pids) | (set(procs) - members - {self.root_pid})
+        return phone
 
 
 def descendants(root_pid: int) -> list[ProcInfo]:

@@ -144,6 +144,7 @@ class ShellService:
                 assert self.proc.stdin is not None
                 self._stdin_fd = self.proc.stdin.fileno()
             self.daemon.spawned.add(self.proc.pid)
+            self.daemon.busy.set()
 
     def _fail(self, message: str) -> None:
         with contextlib.suppress(Exception):

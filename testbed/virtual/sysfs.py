@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class SysfsModel:
         self.state_file = state_file
         self.state = self._load_state()
         self._recent_power: list[float] = []
+        self._written: dict[Path, str] = {}
+        self._state_saved_at = 0.0
         self.power_mw = profile.idle_mw
         self.busy_cores = 0.0
 
@@ -109,12 +112,19 @@ class SysfsModel:
             "voltage_max_design": str(round(p.voltage * 1.05 * 1e6)),
             "temp": str(round(self.state.battery_temp_c * 10)),
         }
-        for name, value in battery.items():
-            _atomic_write(self.battery_dir / name, value + "\n")
-        _atomic_write(self.thermal_dir / "type", "cpu-thermal\n")
-        _atomic_write(self.thermal_dir / "temp", f"{round(self.state.soc_temp_c * 1000)}\n")
-        if self.state_file is not None:
-            _atomic_write(self.state_file, self.state.to_json())
+        files = {self.battery_dir / name: value + "\n" for name, value in battery.items()}
+        files[self.thermal_dir / "type"] = "cpu-thermal\n"
+        files[self.thermal_dir / "temp"] = f"{round(self.state.soc_temp_c * 1000)}\n"
+        for path, text in files.items():
+            if self._written.get(path) != text:   # most values do not change from tick to tick
+                _atomic_write(path, text)
+                self._written[path] = text
+        now = time.monotonic()
+        if now - self._state_saved_at > 2.0:
+            self._written.clear()   # every 2 s rewrite everything (a command may have deleted a file)
+            self._state_saved_at = now
+            if self.state_file is not None:
+                _atomic_write(self.state_file, self.state.to_json())
 
 
 def _atomic_write(path: Path, text: str) -> None:

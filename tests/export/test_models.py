@@ -37,27 +37,41 @@ def test_builds_and_forward_shape(name: str) -> None:
     model = _build(name)
     assert model.num_blocks == EXPECTED_BLOCKS[name]
     x = _batch(model)
-    for mode in (True, False):
-        model.train(mode)
-        with torch.no_grad():
-            out = model(x)
-        assert out.shape == (2, model.num_classes)
-        assert torch.isfinite(out).all()
-    # block_output_shape agrees with a real forward, block by block
-    model.eval()
     with torch.no_grad():
+        model.train()
+        out = model(x)
+        assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
+        # eval mode, block by block: block_output_shape agrees with a real forward
+        model.eval()
         h = x
         for k in range(1, model.num_blocks + 1):
             h = model.block(k)(h)
             assert tuple(h.shape[1:]) == model.block_output_shape(k)
-            if k < model.num_blocks:
-                assert model.output_module(k)(h).shape == (2, model.num_classes)
-                assert model.prefix_logits(x, k).shape == (2, model.num_classes)
-        assert torch.allclose(model.prefix_logits(x, model.num_blocks), model(x))
-        assert torch.allclose(model.shrunk_logits(x, model.num_blocks + 1), model(x))
+        out = model.head(h)
+        assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
         for j in range(2, model.num_blocks + 1):  # every basic layer maps block j-1's shape to block j's
-            a = torch.zeros(2, *model.block_output_shape(j - 1), dtype=torch.float32)
+            a = torch.zeros(1, *model.block_output_shape(j - 1), dtype=torch.float32)
             assert tuple(model.basic_layer(j)(a).shape[1:]) == model.block_output_shape(j)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("resnet8", (3, 32, 32)), ("vit", (3, 8, 8)), ("char_transformer", (12,))])
+def test_sub_model_exits(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 10, shape).eval()
+    x = _batch(model)
+    with torch.no_grad():
+        full = model(x)
+        assert torch.allclose(model.prefix_logits(x, model.num_blocks), full)
+        assert torch.allclose(model.shrunk_logits(x, model.num_blocks + 1), full)
+        h = model.block(1)(x)
+        assert torch.allclose(model.prefix_logits(x, 1), model.output_module(1)(h))
+        for k in range(1, model.num_blocks):
+            assert model.prefix_logits(x, k).shape == (2, 10)
+        # shrunk model with only block 1 left: basic layers 2..K then the head
+        expected = h
+        for j in range(2, model.num_blocks + 1):
+            expected = model.basic_layer(j)(expected)
+        assert torch.allclose(model.shrunk_logits(x, 2), model.head(expected))
 
 
 def test_reference_parameter_counts() -> None:

@@ -165,3 +165,24 @@ def resnet18_export() -> Path:
                                       "full"))
 def test_resnet18_parity(resnet18_export: Path, stage_id: str, engine_name: str) -> None:
     check_parity(resnet18_export, stage_id, engine_name)
+
+
+def test_load_engine_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fedblocks.device_runtime.engines import EngineError
+
+    stage = StageSpec.from_dict({"id": "full", "kind": "full",
+                                 "inputs": [{"name": "x", "shape": [2, 3], "dtype": "float32"}],
+                                 "outputs": [{"name": "loss", "shape": [], "dtype": "float32"}],
+                                 "trainable": []})
+    with pytest.raises(EngineError, match="unknown engine 'tflite'"):
+        load_engine("tflite", stage, {}, OPTIMIZER)
+    with pytest.raises(EngineError, match="no 'program' artifact given"):
+        load_engine("torch", stage, {}, OPTIMIZER)
+    # As on a device without the package: the import of onnxruntime fails.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.delitem(sys.modules, "fedblocks.device_runtime.engines.ort", raising=False)
+    with pytest.raises(EngineError) as info:
+        load_engine("ort", stage, {}, OPTIMIZER)
+    assert str(info.value) == "engine 'ort' is not installed (pip install onnxruntime-training-cpu==1.19.2)"
