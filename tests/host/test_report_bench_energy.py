@@ -98,4 +98,5 @@ def test_bench_energy_on_a_virtual_phone(tmp_path: Path, monkeypatch: pytest.Mon
     assert r.train_joules is not None and r.idle_joules_in_window is not None
     assert r.train_joules > r.idle_joules_in_window, "training draws more than idle on the virtual phone"
     assert r.joules_per_sample == pytest.approx((r.train_joules - r.idle_joules_in_window) / r.samples)
+    assert any("not a physical measurement" in n for n in r.notes), "a virtual phone's joules are labelled"
     json.dumps(r.__dict__)  # --json output is plain JSON
