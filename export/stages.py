@@ -185,7 +185,7 @@ class StageProgram(nn.Module):
         for step in steps:
             for p in self._module(step).parameters():
                 p.requires_grad_(step.trainable)
-        self.z_shape = self._propagate_z_shape()
+        self.z_shape = self._z_shape(model)
         self.train()
 
     def _module(self, step: Step) -> nn.Module:
@@ -193,11 +193,12 @@ class StageProgram(nn.Module):
             return self.head
         return getattr(self, step.container)[step.key]
 
-    def _propagate_z_shape(self) -> tuple[int, ...]:
-        from fedblocks.export.blocks import propagate_shapes
-
-        return propagate_shapes([self._module(s) for s in self.steps], self.input_shape,
-                                getattr(torch, self.input_dtype))[-1]
+    def _z_shape(self, model: BlockedModel) -> tuple[int, ...]:
+        """Per-sample shape of the last step's output (the loss head's input)."""
+        last = self.steps[-1]
+        if last.container in ("head", "output_modules"):
+            return (model.num_classes,)
+        return model.block_output_shape(int(last.key) + 1)  # a block or the basic layer standing in for it
 
     def train(self, mode: bool = True) -> StageProgram:
         """Trainable steps follow `mode`; frozen steps always stay in eval mode."""
