@@ -182,14 +182,19 @@ class UnfoldConv2d(nn.Module):
             zeros = torch.zeros(n, c, x.shape[2], pw, dtype=x.dtype, device=x.device)
             x = torch.cat([zeros, x, zeros], dim=3)
         g = self.groups
+        depthwise = g == c == self.out_channels
         weight = self.weight.reshape(g, self.out_channels // g, c // g, kh * kw)
         out: Tensor | None = None
         # One matmul per kernel tap on a shifted, strided view: no kh*kw-times im2col buffer.
+        # Depthwise: one per-channel multiply per tap instead (no G tiny matmuls).
         for i in range(kh):
             for j in range(kw):
                 tap = x[:, :, i * dh: i * dh + sh * (out_h - 1) + 1: sh, j * dw: j * dw + sw * (out_w - 1) + 1: sw]
-                cols = tap.reshape(n, g, c // g, out_h * out_w)
-                term = torch.matmul(weight[:, :, :, i * kw + j].unsqueeze(0), cols)  # (N, G, Cout/G, L)
+                if depthwise:
+                    term = tap * self.weight[:, 0, i, j].reshape(1, c, 1, 1)
+                else:
+                    cols = tap.reshape(n, g, c // g, out_h * out_w)
+                    term = torch.matmul(weight[:, :, :, i * kw + j].unsqueeze(0), cols)  # (N, G, Cout/G, L)
                 out = term if out is None else out + term
         assert out is not None
         result = out.reshape(n, self.out_channels, out_h, out_w)
