@@ -346,10 +346,11 @@ class Experiment:
     init_weights: dict[str, np.ndarray]
     stage_dicts: dict[str, dict[str, Any]]
     stage_specs: dict[str, StageSpec]
-    footprint_mb: dict[str, float]
+    footprint_mb: dict[str, float]  # what strategies plan with (raised to measured values on phones)
     strategy: Strategy
     clients: list[ClientInfo]
     executors: dict[int, ClientExecutor] = field(default_factory=dict)
+    predicted_mb: dict[str, float] = field(default_factory=dict)  # the export-time prediction, never changed
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -435,7 +436,7 @@ def build_experiment(s: RunSettings, run_dir: Path, progress: Progress) -> Exper
     strategy = strategy_cls(s.strategy_params, ctx)
     init = strategy.initial_weights(init)
     return Experiment(s, run_dir, dataset, parts, model, host_model, init, stage_dicts, stage_specs,
-                      footprint_mb, strategy, clients)
+                      footprint_mb, strategy, clients, predicted_mb=dict(footprint_mb))
 
 
 class _StageFactory:
@@ -763,7 +764,7 @@ def _job_row(rnd: int, j: _JobResult, exp: Experiment, stage_id: str, serial: st
         step_time_median_s=_finite_or_none(m.get("step_latency_median_s")),
         model_load_s=_finite_or_none(m.get("model_load_s")),
         baseline_rss_mb=mb("baseline_rss_bytes"), peak_rss_mb=mb("peak_rss_bytes"), footprint_mb=mb("footprint_bytes"),
-        predicted_footprint_mb=exp.footprint_mb.get(stage_id), budget_mb=exp.clients[j.client_id].budget_mb,
+        predicted_footprint_mb=exp.predicted_mb.get(stage_id), budget_mb=exp.clients[j.client_id].budget_mb,
         energy_j=joules, energy_source=source, battery_start=level(bat.get("start")), battery_end=level(bat.get("end")),
         temp_start=first_temp(temp.get("start")), temp_end=first_temp(temp.get("end")),
         train_s=_finite_or_none(m.get("train_s")),
@@ -940,7 +941,7 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
         respects_budgets=bool(getattr(strategy, "respects_budgets", True)), testbed=settings.testbed,
         rounds_completed=int(history["rounds_completed"]), final_accuracy=history["final_accuracy"],
         participating_clients=len(history["participants"]), total_clients=settings.num_clients,
-        peak_predicted_footprint_mb=max((exp.footprint_mb[s] for s in used), default=0.0),
+        peak_predicted_footprint_mb=max((exp.predicted_mb[s] for s in used), default=0.0),
         peak_measured_footprint_mb=history["peak_measured_mb"], energy_j=history["energy_j"],
         energy_sources=list(history["energy_sources"]), dataset=exp.dataset.name, model=settings.model,
         wall_s=time.monotonic() - t_start, rejected_results=int(history["rejected"]),

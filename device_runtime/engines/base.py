@@ -5,6 +5,11 @@ arrays, and runs one training step with torch.optim.SGD semantics. BatchNorm
 running statistics are updated from the stage's extra outputs
 (running = (1-m)*running + m*batch) so they evolve identically in every engine.
 Adapters import only numpy and their own engine.
+
+Threads: the runtime exports the job's `training.threads` to the training process as
+FEDBLOCKS_THREADS (and OMP/MKL/OPENBLAS_NUM_THREADS). Engines that do not read those
+variables themselves (ONNX Runtime: SessionOptions.intra_op_num_threads) must apply
+FEDBLOCKS_THREADS when it is set, so engines are compared at the same thread count.
 """
 
 from __future__ import annotations

@@ -355,8 +355,11 @@ class AdbDaemon:
         self.killer = MemoryKiller(self.profile.memory_budget_mb, self.sandbox.lmk_log)
         # Set when a command starts; cleared by the monitor once the phone has no process left.
         self.busy = threading.Event()
-        self.phone_pids: list[int] = []   # live processes of the phone, refreshed by the monitor
-        self.throttle = Throttle(self.profile.cpu_speed, lambda: self.phone_pids, self.busy)
+        # The throttle scans for itself, right before each hold: a command that started after
+        # the monitor's last tick is held in its first period too, not only from the next tick.
+        throttle_scanner = proctree.PhoneScanner(self.pid)
+        self.throttle = Throttle(self.profile.cpu_speed, lambda: _live_pids(throttle_scanner.scan()),
+                                 self.busy)
         self.listener: socket.socket | None = None
 
     def next_stream_id(self) -> int:
@@ -451,8 +454,6 @@ class AdbDaemon:
     def _monitor_tick(self, dt: float, previous_ticks: dict[int, int]) -> dict[int, int]:
         """One tick: CPU ticks since the last one -> sysfs; RSS -> LMK; reap adopted zombies."""
         phone_trees = self._scanner.scan()
-        self.phone_pids = [info.pid for infos in phone_trees.values() for info in infos
-                           if info.state not in ("Z", "X")]
         ticks: dict[int, int] = {}
         used = 0
         for members in phone_trees.values():
@@ -511,3 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _live_pids(phone_trees: dict[int, list[proctree.ProcInfo]]) -> list[int]:
+    return [info.pid for infos in phone_trees.values() for info in infos if info.state not in ("Z", "X")]

@@ -19,7 +19,7 @@ class Throttle:
     def __init__(self, speed: float, phone_pids: Callable[[], list[int]], busy: threading.Event,
                  period_s: float = PERIOD_S) -> None:
         self.speed = speed
-        self.phone_pids = phone_pids   # the monitor's latest scan (at most one tick old)
+        self.phone_pids = phone_pids   # a fresh scan of the phone's live processes
         self.busy = busy   # set while the phone has processes; nothing to hold otherwise
         self.period_s = period_s
         self._stop = threading.Event()

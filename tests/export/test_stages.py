@@ -305,3 +305,27 @@ def test_torch_export_strict_resnet8_grow(resnet8: BlockedModel) -> None:
     stage = make_stage(resnet8, "grow-2")
     ep = torch.export.export(stage, stage.example_inputs(B), strict=True)
     assert len(ep.graph_signature.output_specs) == len(stage.output_specs(B))
+
+
+@pytest.mark.slow
+def test_executorch_trains_rewritten_resnet8_stage(resnet8: BlockedModel, tmp_path) -> None:
+    """The ExecuTorch path (engines.md) on a rewritten stage: same loss and batch statistics as eager.
+
+    Guards UnfoldConv2d's plain-op padding: F.pad / F.unfold backward lowers to negative
+    constant_pad_nd, which the portable kernel rejects at run time.
+    """
+    pytest.importorskip("executorch")
+    from executorch.exir import to_edge
+    from executorch.extension.training import _load_for_executorch_for_training
+    from torch.export.experimental import _export_forward_backward
+
+    stage = rewrite_for_engine(make_stage(resnet8, "grow-2"), "executorch")
+    inputs = stage.example_inputs(B)
+    ep = _export_forward_backward(torch.export.export(stage, inputs, strict=True))
+    path = tmp_path / "grow-2.pte"
+    path.write_bytes(to_edge(ep).to_executorch().buffer)
+    module = _load_for_executorch_for_training(str(path))
+    got = module.forward_backward("forward", inputs)
+    expected = stage(*inputs)
+    for a, b in zip(got[: len(expected)], expected, strict=True):
+        assert torch.allclose(a, b.detach(), atol=1e-4)

@@ -107,8 +107,10 @@ def test_low_memory_killer(tmp_path: Path, key: Path) -> None:
             (b"52428800\n", b"", 0)
 
 
-CPU_LOOP = ("python3 -c \"import time\nt=time.perf_counter()\nc=time.process_time()\nn=0\n"
-            "while n < 1500000: n += 1\nprint(time.perf_counter()-t, time.process_time()-c)\"")
+# A fixed amount of CPU time (0.6 s), not of work: on a fast host a fixed loop can finish
+# within one throttle period and never be held.
+CPU_LOOP = ("python3 -c \"import time\nt=time.perf_counter()\nc=time.process_time()\n"
+            "while time.process_time()-c < 0.6: sum(range(1000))\nprint(time.perf_counter()-t, time.process_time()-c)\"")
 
 
 def _loop_seconds(phone: VirtualPhone, key: Path) -> tuple[float, float]:
