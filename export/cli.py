@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        out = Console(width=None if sys.stdout.isatty() else 140)  # piped: do not squeeze to 80 columns
+        out = Console()
         out.print(_table(data))
         out.print(f"wrote {data['manifest']} ({len(built)} built, {data['cached']} cached, {data['seconds']} s)")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -69,7 +70,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+# Rich lays tables out for 80 columns when output is piped or logged, squeezing wide tables into
+# columns one word wide; without a terminal to fit, every subcommand gets this width instead.
+PIPED_COLUMNS = "160"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if not sys.stdout.isatty():
+        os.environ.setdefault("COLUMNS", PIPED_COLUMNS)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -4,7 +4,8 @@ Discovery, the one place that decides which devices a command uses:
 1. ``--serial S`` (repeatable) given: exactly those, in that order.
 2. Otherwise: every device the platform-tools adb server reports in state ``device``
    (asked over its socket, 127.0.0.1:$ANDROID_ADB_SERVER_PORT or 5037, only if a
-   server is already running: nothing is started), followed by the serials in
+   server is already running: nothing is started), then the virtual phones that a running
+   ``fedblocks testbed virtual`` announced (testbed/virtual/registry.py), then the serials in
    ``FEDBLOCKS_DEVICES`` (comma-separated), without duplicates.
 
 Serial forms: ``HOST:PORT`` (TCP: wireless adb, a virtual phone), ``emulator-N``, a USB
@@ -76,8 +77,10 @@ def env_serials() -> list[str]:
 
 def discover_serials(explicit: Sequence[str] = ()) -> list[str]:
     """The devices a command should use (see the module docstring)."""
+    from .virtual.registry import running_serials
+
     candidates = list(explicit) if explicit else (
-        [e.serial for e in adb_server_devices() if e.state == "device"] + env_serials())
+        [e.serial for e in adb_server_devices() if e.state == "device"] + running_serials() + env_serials())
     seen: dict[str, None] = {}
     for serial in candidates:
         seen.setdefault(serial, None)

@@ -259,7 +259,7 @@ class Connection:
         if self.online or not self._token:
             return True
         if msg.arg0 == p.AUTH_SIGNATURE:
-            for key in self.daemon.authorized_keys:
+            for key in self.daemon.authorized_keys.current():
                 if p.verify_token_signature(key, self._token, msg.data):
                     return self._go_online()
             self._auth_failures += 1
@@ -274,7 +274,7 @@ class Connection:
             except p.KeyFormatError as exc:
                 log(f"{self.peer}: bad public key: {exc}")
                 return False
-            if any(offered.public_numbers() == k.public_numbers() for k in self.daemon.authorized_keys):
+            if any(offered.public_numbers() == k.public_numbers() for k in self.daemon.authorized_keys.current()):
                 return self._go_online()
             # A real phone would show "Allow USB debugging?"; nobody is there to tap it.
             log(f"{self.peer}: refused an unknown public key")
@@ -314,18 +314,63 @@ class DaemonConfig:
     authorized_keys: list[str]   # Android-format public key lines
     python: str
     host: str = "127.0.0.1"
+    # Files re-read when they change, as adbd re-reads /data/misc/adb/adb_keys: a key that
+    # appears after the phone started (adb creates ~/.android/adbkey on its first start) is accepted.
+    key_files: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"port": self.port, "profile": json.loads(self.profile.to_json()), "root": str(self.root),
                            "state_file": str(self.state_file), "serial": self.serial,
-                           "authorized_keys": self.authorized_keys, "python": self.python, "host": self.host})
+                           "authorized_keys": self.authorized_keys, "python": self.python, "host": self.host,
+                           "key_files": list(self.key_files)})
 
     @classmethod
     def from_json(cls, text: str) -> DaemonConfig:
         data = json.loads(text)
         return cls(int(data["port"]), PhoneProfile.from_json(json.dumps(data["profile"])), Path(data["root"]),
                    Path(data["state_file"]), data["serial"], list(data["authorized_keys"]), data["python"],
-                   data.get("host", "127.0.0.1"))
+                   data.get("host", "127.0.0.1"), tuple(data.get("key_files", ())))
+
+
+class AuthorizedKeys:
+    """The keys a phone accepts: the lines it was started with plus the watched key files,
+    re-read whenever one of them changes (checked at each authentication)."""
+
+    def __init__(self, lines: list[str], files: tuple[str, ...]) -> None:
+        self._fixed = [p.decode_android_pubkey(k) for k in lines]
+        self._files = [Path(f) for f in files]
+        self._stamps: tuple[tuple[float, int] | None, ...] = ()
+        self._watched: list[rsa.RSAPublicKey] = []
+        self._lock = threading.Lock()
+
+    def current(self) -> list[rsa.RSAPublicKey]:
+        with self._lock:
+            stamps = tuple(_stamp(f) for f in self._files)
+            if stamps != self._stamps:
+                self._stamps = stamps
+                self._watched = []
+                for path in self._files:
+                    try:
+                        lines = path.read_text().splitlines() if path.is_file() else []
+                    except (OSError, UnicodeDecodeError) as exc:
+                        log(f"authorized keys {path}: {exc}")
+                        continue
+                    for line in lines:
+                        line = line.strip().strip("\0")
+                        if line and not line.startswith("#"):
+                            try:
+                                self._watched.append(p.decode_android_pubkey(line))
+                            except p.KeyFormatError as exc:
+                                log(f"authorized keys {path}: skipped a bad line: {exc}")
+            return self._fixed + self._watched
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
 
 
 class AdbDaemon:
@@ -334,7 +379,7 @@ class AdbDaemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.profile = config.profile
-        self.authorized_keys: list[rsa.RSAPublicKey] = [p.decode_android_pubkey(k) for k in config.authorized_keys]
+        self.authorized_keys = AuthorizedKeys(config.authorized_keys, config.key_files)
         self.sandbox = Sandbox(config.root, config.profile, config.serial, config.python)
         self.sandbox.create()
         props = self.profile.properties()

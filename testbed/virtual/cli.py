@@ -7,9 +7,12 @@ import json
 import signal
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import TestbedError
+from . import registry
 from .phone import VirtualTestbed, check_port
 from .profiles import load_profile
 
@@ -22,6 +25,19 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+@contextmanager
+def _announced(testbed: VirtualTestbed) -> Iterator[None]:
+    """Announce the phones for device discovery (`fedblocks devices`) while they run."""
+    for phone in testbed.phones:
+        assert phone.process is not None
+        registry.announce(phone.serial, phone.port, phone.process.pid)
+    try:
+        yield
+    finally:
+        for phone in testbed.phones:
+            registry.withdraw(phone.port)
 
 
 def virtual_command(args: argparse.Namespace) -> int:
@@ -41,7 +57,8 @@ def virtual_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with VirtualTestbed(args.count, args.base_port, profile, state_dir, keys) as testbed:
+        with VirtualTestbed(args.count, args.base_port, profile, state_dir, keys) as testbed, \
+                _announced(testbed):
             if args.json:
                 print(json.dumps({"serials": testbed.serials, "profile": profile.name,
                                   "state_dir": str(testbed.state_dir),
@@ -51,6 +68,9 @@ def virtual_command(args: argparse.Namespace) -> int:
                       f"state in {testbed.state_dir}:", flush=True)
                 for phone in testbed.phones:
                     print(f"  {phone.serial}  sandbox {phone.sandbox}", flush=True)
+                if not testbed.phones[0].authorized_keys:
+                    print("no adb key exists yet: the phones accept ~/.android/adbkey.pub as soon as adb "
+                          "creates it (on its first start)", flush=True)
                 print(f"connect with: adb connect {testbed.serials[0]}   (Ctrl-C stops)", flush=True)
             while not stop.wait(0.5):
                 dead = [ph for ph in testbed.phones if not ph.running]

@@ -28,13 +28,13 @@ RESERVED_PORTS = range(5555, 5586)   # the adb server probes these for emulators
 START_TIMEOUT_S = 20.0
 
 
-def default_authorized_key_files() -> list[Path]:
-    """~/.android/adbkey.pub and the fedblocks key's .pub, whichever exist."""
+def default_authorized_key_files(existing_only: bool = True) -> list[Path]:
+    """~/.android/adbkey.pub and the fedblocks key's .pub (whichever exist, unless existing_only=False)."""
     candidates = [Path(str(android_key_path()) + ".pub"), Path(str(fedblocks_key_path()) + ".pub")]
     env_key = os.environ.get("FEDBLOCKS_ADB_KEY")
     if env_key:
         candidates.insert(0, Path(env_key + ".pub"))
-    return [path for path in candidates if path.is_file()]
+    return [path for path in candidates if path.is_file() or not existing_only]
 
 
 def read_authorized_keys(files: list[Path]) -> list[str]:
@@ -78,11 +78,14 @@ class VirtualPhone:
         self.state_dir = check_state_dir(Path(state_dir))
         self.name = serial_name or f"vphone-{port}"
         self.phone_dir = self.state_dir / self.name
-        key_files = authorized_keys if authorized_keys is not None else default_authorized_key_files()
-        self.authorized_keys = read_authorized_keys([Path(k) for k in key_files])
-        if not self.authorized_keys:
-            raise TestbedError("no authorized adb keys: create one (adb keygen ~/.android/adbkey, or run "
-                               "`fedblocks devices` once) or pass --authorized-keys FILE")
+        # The phone watches these files (a real adbd re-reads adb_keys): with the defaults, a key
+        # that adb creates on its first start is accepted without restarting the phone.
+        self.key_files = ([Path(k) for k in authorized_keys] if authorized_keys is not None
+                          else default_authorized_key_files(existing_only=False))
+        self.authorized_keys = read_authorized_keys([k for k in self.key_files if k.is_file()])  # validates them
+        if not self.authorized_keys and authorized_keys is not None:
+            raise TestbedError("no authorized adb keys in " + ", ".join(str(k) for k in self.key_files)
+                               + ": pass a file of Android adbkey.pub lines")
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: object | None = None
         self._orphans: list[int] = []
@@ -112,7 +115,8 @@ class VirtualPhone:
         self.phone_dir.mkdir(parents=True, exist_ok=True)
         config = DaemonConfig(port=self.port, profile=self.profile, root=self.sandbox,
                               state_file=self.phone_dir / "battery.json", serial=self.serial,
-                              authorized_keys=self.authorized_keys, python=sys.executable)
+                              authorized_keys=[], python=sys.executable,
+                              key_files=tuple(str(k) for k in self.key_files))
         config_path = self.phone_dir / "adbd.json"
         config_path.write_text(config.to_json())
         log = open(self.log_path, "ab")

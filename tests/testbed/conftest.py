@@ -35,6 +35,12 @@ def _virtual() -> object:
     return virtual
 
 
+@pytest.fixture(autouse=True)
+def private_device_registry(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep discovery away from virtual phones a user runs on this machine (testbed/virtual/registry.py)."""
+    monkeypatch.setenv("FEDBLOCKS_CACHE", str(tmp_path_factory.getbasetemp() / "fedblocks-cache"))
+
+
 @pytest.fixture(scope="session")
 def adb_key(tmp_path_factory: pytest.TempPathFactory) -> AdbKey:
     return create_key(tmp_path_factory.mktemp("keys") / "adbkey")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from vphone_support import adb_shell_device, free_port, make_key
 
+from fedblocks.testbed.virtual.registry import running_serials
+
 FEDBLOCKS = [sys.executable, "-m", "fedblocks.host.cli"]
 
 
@@ -41,10 +43,13 @@ def test_cli_runs_phones_until_interrupted(tmp_path: Path) -> None:
         device = adb_shell_device(base + 1, key)
         assert device.shell("getprop ro.product.model").strip() == "Virtual A2 Lite"
         device.close()
+        # announced for discovery while they run (no adb server, no FEDBLOCKS_DEVICES needed)
+        assert running_serials() == info["serials"]
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=20)
     assert rc == 0
+    assert running_serials() == []
     with socket.socket() as sock:   # the phones are gone, their ports free again
         sock.bind(("127.0.0.1", base))
 

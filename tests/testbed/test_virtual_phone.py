@@ -425,3 +425,21 @@ def test_absolute_android_paths_inside_files(namespace: str, tmp_path: Path, key
                     ["/data/local/tmp", "/data/local/tmp", "/system/bin/getprop"]
         finally:
             device.close()
+
+
+def test_a_key_created_after_the_phone_started_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like adbd re-reading adb_keys: with the default key files, ~/.android/adbkey.pub that adb
+    creates on its first start (after the phone is up) is trusted without restarting the phone."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    monkeypatch.delenv("FEDBLOCKS_ADB_KEY", raising=False)
+    phone = VirtualPhone(free_port(), load_profile("midrange"), tmp_path / "state").start()
+    try:
+        assert phone.authorized_keys == []   # no key anywhere yet: the phone starts and waits for one
+        (tmp_path / "home" / ".android").mkdir(parents=True)
+        key = make_key(tmp_path / "home" / ".android")
+        device = adb_shell_device(phone.port, key)
+        assert device.shell("echo trusted").strip() == "trusted"
+        device.close()
+    finally:
+        phone.stop()
