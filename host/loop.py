@@ -240,6 +240,17 @@ class Recorder:
     def checkpoint(self, rnd: int, path: Path, sha256: str) -> None:
         self.store.record_checkpoint(rnd, path, sha256)
 
+    def devices(self, exp: Experiment) -> None:
+        """One row per client's device: what the device says about itself, its budget and profile."""
+        from fedblocks.host.store import DeviceRow
+
+        for c in exp.clients:
+            executor = exp.executors[c.client_id]
+            d = executor.describe()
+            self.store.record_device(DeviceRow(serial=executor.label, client=c.client_id, model=d.model, soc=d.soc,
+                                               abi=d.abi,
+                                               ram_mb=d.ram_mb, budget_mb=c.budget_mb, profile=d.profile))
+
     def close(self, status: str) -> None:
         self.store.set_status(status)
         self.store.close()
@@ -494,8 +505,9 @@ def build_executors(exp: Experiment, progress: Progress) -> None:
     runtime = _runtime_bundle(exp.run_dir)
     serials = list(s.serials)
     keys: list[Any] | None = None
+    profiles: list[str | None] = [None] * len(exp.clients)
     if s.testbed == "virtual":
-        serials, keys = _start_virtual_testbed(exp, progress)
+        serials, keys, profiles = _start_virtual_testbed(exp, progress)
     if len(serials) < s.num_clients:
         raise HostError(f"clients.serials: {len(serials)} phone(s) for {s.num_clients} clients; "
                         "list one serial per client")
@@ -505,7 +517,8 @@ def build_executors(exp: Experiment, progress: Progress) -> None:
         serial = serials[c.client_id]
         progress.message(f"connecting to {serial}")
         device = AdbDevice.connect(serial, keys=keys) if keys else AdbDevice.connect(serial)
-        exp.executors[c.client_id] = DeviceClient(c.client_id, c.budget_mb, device, runtime, label=serial)
+        exp.executors[c.client_id] = DeviceClient(c.client_id, c.budget_mb, device, runtime, label=serial,
+                                                  profile=profiles[c.client_id])
 
 
 def _simulated_profiles(s: RunSettings) -> list[Any]:
@@ -553,8 +566,9 @@ def _free_port_block(count: int) -> int:
     raise HostError("clients.base_port: no block of free localhost ports found; set one explicitly")
 
 
-def _start_virtual_testbed(exp: Experiment, progress: Progress) -> tuple[list[str], list[Any]]:
-    """Start one virtual phone per client; returns their serials and the adb key to connect with."""
+def _start_virtual_testbed(exp: Experiment, progress: Progress) -> tuple[list[str], list[Any], list[str | None]]:
+    """Start one virtual phone per client; returns their serials, the adb key to connect with and
+    the profile names."""
     from fedblocks.testbed.keys import default_key
     from fedblocks.testbed.virtual import VirtualTestbed, load_profile
 
@@ -568,7 +582,8 @@ def _start_virtual_testbed(exp: Experiment, progress: Progress) -> tuple[list[st
                              authorized_keys=[Path(f"{key.path}.pub")])
     testbed.start()
     exp.closers.append(testbed.stop)
-    return list(testbed.serials), [key]
+    return list(testbed.serials), [key], [s.profiles[i % len(s.profiles)] if s.profiles else "midrange"
+                                          for i in range(len(profiles))]
 
 
 # ----------------------------------------------------------------------------- one round
@@ -767,9 +782,29 @@ def _job_row(rnd: int, j: _JobResult, exp: Experiment, stage_id: str, serial: st
         predicted_footprint_mb=exp.predicted_mb.get(stage_id), budget_mb=exp.clients[j.client_id].budget_mb,
         energy_j=joules, energy_source=source, battery_start=level(bat.get("start")), battery_end=level(bat.get("end")),
         temp_start=first_temp(temp.get("start")), temp_end=first_temp(temp.get("end")),
-        train_s=_finite_or_none(m.get("train_s")),
+        train_s=_finite_or_none(m.get("train_s")), push_s=j.outcome.push_s, pull_s=j.outcome.pull_s,
         bundle_path=None if j.outcome.bundle_dir is None else str(j.outcome.bundle_dir),
         metrics_json=json.dumps(m, default=_json_default) if m else None)
+
+
+def _record_exclusions(recorder: Recorder, exp: Experiment, rnd: int, plan: RoundPlan,
+                       seen: dict[str, tuple[int, ...]]) -> None:
+    """Event `clients_excluded` when the clients a budget-respecting strategy may not give the
+    planned stage (budget below the footprint it plans with) change: the report marks them."""
+    if not getattr(exp.strategy, "respects_budgets", True):
+        return
+    eligible = {c.client_id for c in exp.strategy.eligible(plan.stage_id, exp.clients)}
+    excluded = tuple(c.client_id for c in exp.clients if c.client_id not in eligible)
+    previous = seen.get(plan.stage_id)
+    if previous == excluded:
+        return
+    seen[plan.stage_id] = excluded
+    if excluded or previous is not None:   # nobody excluded from the start: nothing to say
+        footprint = exp.footprint_mb[plan.stage_id]
+        recorder.event(rnd, "clients_excluded",
+                       f"{plan.stage_id}: {len(excluded)} client(s) excluded, budget below {footprint:.1f} MB",
+                       {"stage": plan.stage_id, "clients": list(excluded), "footprint_mb": footprint,
+                        "serials": [exp.executors[c].label for c in excluded]})
 
 
 def _calibrate_footprint(exp: Experiment, stage_id: str, jobs: list[_JobResult]) -> tuple[float, float] | None:
@@ -835,9 +870,11 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
         build_executors(exp, progress)
         if wrap_executor is not None:
             exp.executors = {cid: wrap_executor(ex) for cid, ex in exp.executors.items()}
+        recorder.devices(exp)
         runner = RoundRunner(exp, recorder, progress)
         progress.run_started(settings.rounds, f"{settings.strategy} on {settings.testbed}")
         stages_seen = recorder.stages()
+        excluded_seen: dict[str, tuple[int, ...]] = {}
         rnd = start_round
         while rnd <= settings.rounds:
             plan = exp.strategy.plan_round(rnd, weights, exp.clients)
@@ -845,19 +882,25 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
                 break
             started_at = time.time()
             t_round = time.monotonic()
+            _record_exclusions(recorder, exp, rnd, plan, excluded_seen)
             weights = exp.strategy.begin_round(rnd, plan, weights)
             progress.round_started(rnd, plan)
             jobs = runner.run(rnd, plan, weights) if plan.client_ids else []
             accepted = [j for j in jobs if j.status == "ok" and j.result is not None]
+            t_aggregate = time.monotonic()
             weights = exp.strategy.aggregate(rnd, plan, weights, [j.result for j in accepted if j.result])
+            aggregate_s = time.monotonic() - t_aggregate
             target = exp.strategy.eval_target()
             accuracy = None
+            eval_s: float | None = None
             if rnd % max(1, settings.eval_every) == 0 or rnd == settings.rounds:
+                t_eval = time.monotonic()
                 x_test, y_test = exp.dataset.x_test, exp.dataset.y_test
                 if settings.eval_max_samples is not None:
                     x_test, y_test = x_test[:settings.eval_max_samples], y_test[:settings.eval_max_samples]
                 accuracy = exp.host_model.accuracy(weights, target, x_test, y_test, settings.eval_batch_size)
                 history["final_accuracy"] = accuracy
+                eval_s = time.monotonic() - t_eval
             losses = [float(np.mean([v for v in j.metrics.get("loss", []) if v is not None]))
                       for j in accepted if any(v is not None for v in j.metrics.get("loss", []))]
             energy_total: float | None = None
@@ -921,7 +964,7 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
             recorder.round(RoundRow(round=rnd, stage_id=plan.stage_id, started_at=started_at, ended_at=time.time(),
                                     selected=len(plan.client_ids), completed=len(accepted),
                                     failed=len(jobs) - len(accepted), accuracy=accuracy, loss=None, em=em,
-                                    notes=plan.notes))
+                                    notes=plan.notes, aggregate_s=aggregate_s, eval_s=eval_s))
             ckpt = run_dir / "checkpoint" / "weights.npz"
             recorder.checkpoint(rnd, ckpt, sha256_file(ckpt))
             progress.round_finished(record)

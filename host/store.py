@@ -23,10 +23,16 @@ from fedblocks.host.config import ExperimentConfig
 from fedblocks.host.errors import HostError
 
 DB_NAME = "run.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUN_STATUSES: tuple[str, ...] = ("created", "running", "finished", "failed", "interrupted")
 JOB_STATUSES: tuple[str, ...] = ("ok", "oom_killed", "failed", "straggler", "rejected")
 EVENT_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+
+# version -> the statements that take a store from it to version + 1 (columns are only ever added)
+_MIGRATIONS = {
+    1: "ALTER TABLE rounds ADD COLUMN aggregate_s REAL; ALTER TABLE rounds ADD COLUMN eval_s REAL; "
+       "ALTER TABLE devices ADD COLUMN client INTEGER;",
+}
 
 _SCHEMA = f"""
 CREATE TABLE runs (
@@ -52,6 +58,8 @@ CREATE TABLE rounds (
     loss REAL,
     em REAL,
     notes TEXT,
+    aggregate_s REAL,
+    eval_s REAL,
     PRIMARY KEY (run, round)
 );
 CREATE TABLE stages (
@@ -106,6 +114,7 @@ CREATE TABLE devices (
     ram_mb REAL,
     budget_mb REAL,
     profile TEXT,
+    client INTEGER,
     PRIMARY KEY (run, serial)
 );
 CREATE TABLE events (
@@ -159,6 +168,8 @@ class RoundRow:
     loss: float | None = None  # global test loss
     em: float | None = None  # effective movement of the active block
     notes: str | None = None
+    aggregate_s: float | None = None  # host: validating the results and aggregating them
+    eval_s: float | None = None  # host: scoring the global model on the test set
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,7 @@ class DeviceRow:
     ram_mb: float | None = None
     budget_mb: float | None = None
     profile: str | None = None
+    client: int | None = None  # the client id the device stands for
 
 
 @dataclass(frozen=True)
@@ -324,6 +336,11 @@ class RunStore:
                 f"run store {self.path}: schema version {version} is newer than this fedblocks ({SCHEMA_VERSION}); upgrade"
             )
         if version == SCHEMA_VERSION:
+            return
+        if version in _MIGRATIONS:   # an older run store: upgrade it in place, step by step
+            with self._lock:
+                for v in range(version, SCHEMA_VERSION):
+                    self._conn.executescript(f"BEGIN; {_MIGRATIONS[v]} PRAGMA user_version = {v + 1}; COMMIT;")
             return
         tables = self._conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
         if tables:

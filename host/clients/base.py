@@ -55,7 +55,20 @@ class JobOutcome:
     error: str | None = None  # transport / device problem (no bundle)
     bytes_pushed: int = 0
     bytes_pulled: int = 0
+    push_s: float | None = None  # host clock: artifacts, shard, weights and job.json onto the device
+    pull_s: float | None = None  # host clock: the result bundle back
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientDescription:
+    """What the run store's devices table says about a client (None: not known)."""
+
+    model: str | None = None
+    soc: str | None = None
+    abi: str | None = None
+    ram_mb: float | None = None
+    profile: str | None = None
 
 
 class ClientExecutor(ABC):
@@ -71,6 +84,10 @@ class ClientExecutor(ABC):
     @abstractmethod
     def run(self, request: JobRequest, cancel: threading.Event) -> JobOutcome:
         """Run the job to completion, the deadline, or until `cancel` is set."""
+
+    def describe(self) -> ClientDescription:
+        """The device behind this client, for the run store (read once, when the run starts)."""
+        return ClientDescription()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedblocks.host.clients.base import ClientExecutor, FileOnHost, JobOutcome, JobRequest
+from fedblocks.host.clients.base import ClientDescription, ClientExecutor, FileOnHost, JobOutcome, JobRequest
 
 BUNDLE_FILES = ("status.json", "metrics.json", "weights.npz")
 POLL_S = 0.5
@@ -44,13 +44,14 @@ class DeviceClient(ClientExecutor):
     kind = "device"
 
     def __init__(self, client_id: int, budget_mb: float | None, device: Any, runtime: RuntimeBundle,
-                 label: str | None = None) -> None:
+                 label: str | None = None, profile: str | None = None) -> None:
         from fedblocks.testbed.cache import DeviceCache
 
         super().__init__(client_id, budget_mb, label or str(device.serial))
         self.device = device
         self.cache = DeviceCache(device)
         self.runtime = runtime
+        self.profile = profile  # a virtual phone's profile name (None for a real phone)
         self._lock = threading.Lock()  # one job at a time per phone
 
     def _ensure(self, f: FileOnHost) -> tuple[str, int]:
@@ -91,6 +92,16 @@ class DeviceClient(ClientExecutor):
             except (TestbedError, OSError, ValueError) as exc:
                 return JobOutcome(None, time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"[:400])
 
+    def describe(self) -> ClientDescription:
+        from fedblocks.testbed.errors import TestbedError
+
+        try:
+            props = self.device.properties()
+        except (TestbedError, OSError, ValueError):
+            return ClientDescription(profile=self.profile)
+        return ClientDescription(model=props.model, soc=props.soc, abi=props.abi,
+                                 ram_mb=None if props.ram_mb is None else float(props.ram_mb), profile=self.profile)
+
     def _run(self, request: JobRequest, cancel: threading.Event, t0: float) -> JobOutcome:
         pushed = 0
         remote: dict[str, str] = {}
@@ -106,6 +117,7 @@ class DeviceClient(ClientExecutor):
             job_path.write_text(json.dumps(self.job_json(request, remote), indent=1), encoding="utf-8")
             self.device.push(job_path, f"{workdir}/job.json")
             pushed += job_path.stat().st_size
+        push_s = time.monotonic() - t0
         cmd = f"{self.runtime.python} {shlex.quote(remote['pyz'])} run job.json"
         handle = self.device.start_job(cmd, workdir, job_id=request.job_id)
         straggler_reason: str | None = None
@@ -120,23 +132,26 @@ class DeviceClient(ClientExecutor):
             if straggler_reason:
                 self.device.kill_job(handle)
                 return JobOutcome(None, time.monotonic() - t0, straggler=True, error=straggler_reason,
-                                  bytes_pushed=pushed)
+                                  bytes_pushed=pushed, push_s=push_s)
             time.sleep(POLL_S)
         bundle_remote = f"{workdir}/result"
         if not self.device.exists(f"{bundle_remote}/status.json"):
             tail = status.log_tail.strip().splitlines()[-3:]
             return JobOutcome(None, time.monotonic() - t0, error=f"job {status.state} (exit {status.exit_code}) "
-                              f"without a result bundle: {' | '.join(tail)[:300]}", bytes_pushed=pushed)
+                              f"without a result bundle: {' | '.join(tail)[:300]}", bytes_pushed=pushed,
+                              push_s=push_s)
         pulled = 0
+        t_pull = time.monotonic()
         request.bundle_dir.mkdir(parents=True, exist_ok=True)
         for name in BUNDLE_FILES:
             if self.device.exists(f"{bundle_remote}/{name}"):
                 local = request.bundle_dir / name
                 self.device.pull(f"{bundle_remote}/{name}", local)
                 pulled += local.stat().st_size
+        pull_s = time.monotonic() - t_pull
         self.device.remove(workdir)
         return JobOutcome(request.bundle_dir, time.monotonic() - t0, bytes_pushed=pushed, bytes_pulled=pulled,
-                          extra={"exit_code": status.exit_code, "state": status.state})
+                          push_s=push_s, pull_s=pull_s, extra={"exit_code": status.exit_code, "state": status.state})
 
     def close(self) -> None:
         close = getattr(self.device, "close", None)

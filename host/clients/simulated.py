@@ -26,7 +26,7 @@ import torch
 from fedblocks.device_runtime.bundle import BundleWriter
 from fedblocks.device_runtime.data import batch_indices, load_shard, steps_planned
 from fedblocks.export.weights import load_weights
-from fedblocks.host.clients.base import ClientExecutor, JobOutcome, JobRequest
+from fedblocks.host.clients.base import ClientDescription, ClientExecutor, JobOutcome, JobRequest
 
 MIB = 1024 * 1024
 
@@ -51,6 +51,9 @@ class SimulatedClient(ClientExecutor):
         self.stage_builder = stage_builder
         # torch intra-op threads already use the cores; one job at a time keeps timings honest
         self.torch_lock = torch_lock or threading.Lock()
+
+    def describe(self) -> ClientDescription:
+        return ClientDescription(model="simulated (torch in the host process)", profile=self.profile.name)
 
     def run(self, request: JobRequest, cancel: threading.Event) -> JobOutcome:
         t0 = time.monotonic()

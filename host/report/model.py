@@ -185,13 +185,17 @@ class RoundTiming:
     load_s: float | None  # shard + model load on the device
     train_s: float | None
     pull_s: float | None
+    aggregate_s: float | None = None  # host: rounds.aggregate_s
+    eval_s: float | None = None  # host: rounds.eval_s
 
     @property
     def host_s(self) -> float | None:
-        """What remains of the round: aggregation, evaluation, scheduling (+ transfers not recorded)."""
+        """What remains of the round: scheduling, shard and weight files, job start-up and polling,
+        recording (and aggregation / evaluation in run stores that did not time them)."""
         if self.wall_s is None:
             return None
-        spent = sum(v for v in (self.push_s, self.load_s, self.train_s, self.pull_s) if v is not None)
+        spent = sum(v for v in (self.push_s, self.load_s, self.train_s, self.pull_s, self.aggregate_s, self.eval_s)
+                    if v is not None)
         return max(0.0, self.wall_s - spent)
 
 
@@ -395,7 +399,7 @@ def build_run_report(run_dir: Path, run: RunRow, config: dict[str, Any], rounds:
     client_serial = {j.row.client: j.device for j in jobs if j.row.client is not None}
     devices = _devices(jobs, device_rows, settings, num_clients, client_serial)
     respects_budgets = _respects_budgets(strategy)
-    memory, excluded = _memory(jobs, devices, stages, rounds, respects_budgets)
+    memory, excluded = _memory(jobs, devices, stages, rounds, respects_budgets, _excluded_by_events(events))
     devices = [_with_exclusions(d, excluded.get(d.key, [])) for d in devices]
     timings = [_round_timing(r, [j for j in jobs if j.row.round == r.round]) for r in rounds]
     summary = _summary(run, rounds, jobs, memory, planned)
@@ -506,8 +510,18 @@ def _max(values: Iterable[float | None]) -> float | None:
     return max(vals) if vals else None
 
 
+def _excluded_by_events(events: list[EventRow]) -> dict[str, set[str]]:
+    """stage -> device keys the round loop recorded as excluded (`clients_excluded` events)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for data in (e.data() for e in events if e.kind == "clients_excluded"):
+        if isinstance(data, dict) and isinstance(data.get("stage"), str):
+            out[data["stage"]].update(str(s) for s in data.get("serials") or [] if isinstance(s, str))
+    return out
+
+
 def _memory(jobs: list[JobReport], devices: list[DeviceReport], stages: list[StageRow], rounds: list[RoundRow],
-            respects_budgets: bool) -> tuple[list[MemoryCell], dict[str, list[str]]]:
+            respects_budgets: bool, recorded: Mapping[str, set[str]] | None = None
+            ) -> tuple[list[MemoryCell], dict[str, list[str]]]:
     stage_ids = list(dict.fromkeys([*(s.stage_id for s in stages), *(r.stage_id for r in rounds if r.stage_id),
                                     *(j.row.stage_id for j in jobs if j.row.stage_id)]))
     predicted = {sid: _max(j.row.predicted_footprint_mb for j in jobs if j.row.stage_id == sid) for sid in stage_ids}
@@ -517,11 +531,16 @@ def _memory(jobs: list[JobReport], devices: list[DeviceReport], stages: list[Sta
         for sid in stage_ids:
             js = [j for j in jobs if j.device == d.key and j.row.stage_id == sid]
             pred = predicted[sid]
+            # A budget-respecting strategy never gives a stage to a device whose budget is below the
+            # stage's predicted footprint (strategies/base.py eligible()); once phones measured more than
+            # predicted it plans with that, and the loop records whom that excluded (clients_excluded),
+            # possibly after the device ran the stage.
+            was_excluded = (respects_budgets and d.budget_mb is not None and pred is not None
+                            and pred > d.budget_mb) or d.key in (recorded or {}).get(sid, set())
+            if was_excluded:
+                excluded[d.key].append(sid)
             if not js:
-                # Excluded: a budget-respecting strategy never gives a stage to a device whose
-                # budget is below the stage's predicted footprint (strategies/base.py eligible()).
-                if respects_budgets and d.budget_mb is not None and pred is not None and pred > d.budget_mb:
-                    excluded[d.key].append(sid)
+                if was_excluded:
                     cells.append(MemoryCell(d.key, sid, 0, None, None, None, pred, d.budget_mb, 0, True, False))
                 continue
             cells.append(MemoryCell(
@@ -529,7 +548,7 @@ def _memory(jobs: list[JobReport], devices: list[DeviceReport], stages: list[Sta
                 peak_rss_mb=_max(j.row.peak_rss_mb for j in js), baseline_rss_mb=_max(j.row.baseline_rss_mb for j in js),
                 predicted_mb=_max(j.row.predicted_footprint_mb for j in js) or pred,
                 budget_mb=_max(j.row.budget_mb for j in js) or d.budget_mb,
-                oom_killed=sum(1 for j in js if j.row.status == "oom_killed"), excluded=False,
+                oom_killed=sum(1 for j in js if j.row.status == "oom_killed"), excluded=was_excluded,
                 modelled=all(j.memory_modelled for j in js)))
     return cells, excluded
 
@@ -541,11 +560,12 @@ def _round_timing(r: RoundRow, jobs: list[JobReport]) -> RoundTiming:
         return sum(v or 0.0 for v in (j.row.push_s, j.data_load_s, j.model_load_s, j.train_s, j.row.pull_s))
 
     if not jobs:
-        return RoundTiming(r.round, wall, None, None, None, None, None)
+        return RoundTiming(r.round, wall, None, None, None, None, None, r.aggregate_s, r.eval_s)
     crit = max(jobs, key=total)
     load = None if crit.data_load_s is None and crit.model_load_s is None else \
         (crit.data_load_s or 0.0) + (crit.model_load_s or 0.0)
-    return RoundTiming(r.round, wall, crit.device, crit.row.push_s, load, crit.train_s, crit.row.pull_s)
+    return RoundTiming(r.round, wall, crit.device, crit.row.push_s, load, crit.train_s, crit.row.pull_s,
+                       r.aggregate_s, r.eval_s)
 
 
 def energy_totals(jobs: Iterable[JobReport]) -> tuple[EnergyTotal, ...]:

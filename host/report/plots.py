@@ -23,7 +23,10 @@ from fedblocks.host.report.model import MODELLED_SOURCE, RunReport, is_measured,
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
           "#bcbd22")
-PHASE_COLORS = {"push": "#9ecae1", "load": "#fdae6b", "train": "#3182bd", "pull": "#6baed6", "host": "#bdbdbd"}
+PHASE_COLORS = {"push": "#9ecae1", "load": "#fdae6b", "train": "#3182bd", "pull": "#6baed6", "aggregate": "#74c476",
+                "eval": "#a1d99b", "host": "#bdbdbd"}
+PHASE_LABELS = {"load": "load (shard + model)", "aggregate": "host: aggregate", "eval": "host: evaluate",
+                "host": "host: other (scheduling, job start-up, polling)"}
 
 
 @dataclass(frozen=True)
@@ -218,11 +221,11 @@ def round_time_plot(run: RunReport, pid: str) -> Plot | None:
     fig, (ax,) = _fig(max(7.0, 0.35 * len(ts) + 3), 3.8)
     bottom = [0.0] * len(ts)
     x = [t.round for t in ts]
-    for phase in ("push", "load", "train", "pull", "host"):
+    for phase in ("push", "load", "train", "pull", "aggregate", "eval", "host"):
         vals = [(t.host_s if phase == "host" else getattr(t, f"{phase}_s")) or 0.0 for t in ts]
         if not any(vals):
             continue
-        label = {"host": "host: aggregate, evaluate, other", "load": "load (shard + model)"}.get(phase, phase)
+        label = PHASE_LABELS.get(phase, phase)
         ax.bar(x, vals, bottom=bottom, color=PHASE_COLORS[phase], label=label)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set_xlabel("round")
@@ -230,11 +233,11 @@ def round_time_plot(run: RunReport, pid: str) -> Plot | None:
     ax.set_ylabel("seconds")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Round-time breakdown (the slowest job's phases + host remainder)", fontsize=10)
+    ax.set_title("Round-time breakdown (the slowest job's phases + host work)", fontsize=10)
     return Plot(f"{pid}fig-roundtime", "Round time", _svg(fig, f"{pid}fig-roundtime"),
                 "Round wall time (host clock) split into the slowest job's push, load, train and pull (device_jobs, "
-                "metrics.json); the rest is host work: aggregation, evaluation, scheduling and any transfer time "
-                "not recorded separately.")
+                "metrics.json), the host's aggregation and evaluation (rounds.aggregate_s, eval_s); the rest is "
+                "other host work: scheduling, job start-up and polling, recording.")
 
 
 # ---------------------------------------------------------------------------- energy

@@ -214,14 +214,17 @@ def latency_table(r: RunReport, prefix: str) -> Table:
 
 def round_time_table(r: RunReport, prefix: str) -> Table:
     rows = [(t.round, _r(t.wall_s, 4), t.critical_device, _r(t.push_s, 4), _r(t.load_s, 4), _r(t.train_s, 4),
-             _r(t.pull_s, 4), _r(t.host_s, 4)) for t in r.timings]
+             _r(t.pull_s, 4), _r(t.aggregate_s, 4), _r(t.eval_s, 4), _r(t.host_s, 4)) for t in r.timings]
     return Table(f"{prefix}round_time", "Round-time breakdown (critical path: the slowest job)", (
         Column("round", "round"), Column("wall_s", "round wall time, s", ".2f"),
         Column("critical_device", "slowest device"), Column("push_s", "push, s", ".2f"),
         Column("load_s", "load, s", ".2f"), Column("train_s", "train, s", ".2f"), Column("pull_s", "pull, s", ".2f"),
-        Column("host_s", "host: aggregate, evaluate, other, s", ".2f")), rows,
+        Column("aggregate_s", "host: aggregate, s", ".3f"), Column("eval_s", "host: evaluate, s", ".2f"),
+        Column("host_s", "host: other, s", ".2f")), rows,
         caption="round wall time from rounds.started_at/ended_at (host clock); the slowest job's phases from "
-                "device_jobs and metrics.json (device clock); the host part is the remainder")
+                "device_jobs and metrics.json (push/pull: host clock, load/train: device clock); aggregate and "
+                "evaluate from rounds.aggregate_s / eval_s; 'other' is the remainder (scheduling, job start-up, "
+                "polling, recording)")
 
 
 def energy_table(r: RunReport, prefix: str) -> Table:

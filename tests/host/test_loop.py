@@ -89,3 +89,16 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.Ca
     assert "unknown strategy 'exclusivfl'" in capsys.readouterr().err
     assert main(["run", str(quickstart), "--out", str(tmp_path / "a"), "--resume", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_budget_exclusions_are_recorded_for_the_report(tmp_path: Path) -> None:
+    """ExclusiveFL with one client below the full model's footprint: the loop records whom the
+    strategy could not give the stage (event clients_excluded), once, naming client and serial."""
+    settings = RunSettings(**TINY, strategy="exclusivefl", rounds=2, budgets_mb=(5.0, 400.0, 400.0))
+    summary = run_experiment(settings, tmp_path / "run")
+    assert summary.participating_clients == 2
+    db = sqlite3.connect(tmp_path / "run" / "run.sqlite")
+    events = [json.loads(d) for (d,) in db.execute("SELECT data_json FROM events WHERE kind = 'clients_excluded'")]
+    assert len(events) == 1
+    assert events[0]["stage"] == "full" and events[0]["clients"] == [0] and events[0]["serials"] == ["sim-000"]
+    assert events[0]["footprint_mb"] > 5.0

@@ -352,3 +352,33 @@ def test_a_file_that_is_not_a_run_store(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["report", str(tmp_path / "bad"), "--out", str(tmp_path / "r.html")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run.sqlite" in err
+
+
+def test_a_device_excluded_after_it_ran_the_stage_is_marked(tmp_path: Path) -> None:
+    """ExclusiveFL on phones: the prediction fits every budget, round 1 measures more (oom_killed),
+    and from round 2 the loop plans with the measured footprint and records whom that excluded."""
+    from dataclasses import asdict
+
+    from fedblocks.host.loop import RunSettings
+    from fedblocks.host.report.model import load_run
+    from fedblocks.host.store import DeviceJobRow, DeviceRow, RoundRow, RunStore
+
+    settings = RunSettings(strategy="exclusivefl", rounds=2, num_clients=2, testbed="virtual",
+                           budgets_mb=(60.0, 100.0))
+    store = RunStore.create(tmp_path / "run", asdict(settings))
+    for serial, budget in (("127.0.0.1:7001", 60.0), ("127.0.0.1:7002", 100.0)):
+        store.record_device(DeviceRow(serial=serial, model="Virtual M4", budget_mb=budget))
+    store.record_round(RoundRow(round=1, stage_id="full", selected=2, completed=1, failed=1))
+    store.record_device_job(DeviceJobRow(round=1, status="oom_killed", client=0, serial="127.0.0.1:7001",
+                                         stage_id="full", predicted_footprint_mb=33.0, budget_mb=60.0))
+    store.record_device_job(DeviceJobRow(round=1, status="ok", client=1, serial="127.0.0.1:7002", stage_id="full",
+                                         footprint_mb=80.0, predicted_footprint_mb=33.0, budget_mb=100.0))
+    store.log_event("clients_excluded", "full: 1 client(s) excluded", data={
+        "round": 2, "stage": "full", "clients": [0], "footprint_mb": 80.0, "serials": ["127.0.0.1:7001"]})
+    store.close()
+    run = load_run(tmp_path / "run")
+    cells = {(c.device, c.stage_id): c for c in run.memory}
+    assert cells[("127.0.0.1:7001", "full")].excluded and cells[("127.0.0.1:7001", "full")].oom_killed == 1
+    assert not cells[("127.0.0.1:7002", "full")].excluded
+    devices = {d.key: d for d in run.devices}
+    assert devices["127.0.0.1:7001"].excluded_from == ("full",) and devices["127.0.0.1:7002"].excluded_from == ()

@@ -35,6 +35,13 @@ def test_virtual_phones_train_two_stages_and_match_the_simulated_testbed(tmp_pat
     rows = db.execute("SELECT round, serial, status, samples, peak_rss_mb FROM device_jobs ORDER BY round, client").fetchall()
     assert [(r, s) for r, _, s, _, _ in rows] == [(1, "ok"), (1, "ok"), (2, "ok"), (2, "ok")]
     assert all(serial.startswith("127.0.0.1:") and samples == 16 and peak > 0 for _, serial, _, samples, peak in rows)
+    # the round-time breakdown has the host-side transfers, and the devices table what the phones say of themselves
+    transfers = db.execute("SELECT push_s, pull_s FROM device_jobs").fetchall()
+    assert all(push > 0 and pull > 0 for push, pull in transfers)
+    devices = db.execute("SELECT serial, model, soc, abi, ram_mb, profile FROM devices ORDER BY serial").fetchall()
+    assert [d[0] for d in devices] == sorted({serial for _, serial, _, _, _ in rows})
+    assert all(model == "Virtual M4" and soc and abi == "arm64-v8a" and ram == 4096 and profile == "midrange"
+               for _, model, soc, abi, ram, profile in devices)
     # same seed and data on the simulated testbed: the same aggregated model, up to float rounding
     simulated = run_experiment(RunSettings(**E2E, testbed="simulated", engine="torch"), tmp_path / "simulated")
     a, b = _load(tmp_path / "virtual" / "final_weights.npz"), _load(tmp_path / "simulated" / "final_weights.npz")

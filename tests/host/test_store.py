@@ -94,6 +94,26 @@ def test_schema_version_wal_and_plain_sql_readers(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Run stores written before schema 2 (no rounds.aggregate_s / eval_s, no devices.client) open,
+    gain the columns, and keep their rows."""
+    with RunStore.create(tmp_path, CONFIG) as store:
+        store.record_round(RoundRow(round=1, stage_id="full", accuracy=0.5))
+        store.record_device(DeviceRow(serial="R58M", model="SM-A525F"))
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    conn.executescript("ALTER TABLE rounds DROP COLUMN aggregate_s; ALTER TABLE rounds DROP COLUMN eval_s; "
+                       "ALTER TABLE devices DROP COLUMN client; PRAGMA user_version = 1;")
+    conn.close()
+    with RunStore.open(tmp_path) as store:
+        assert store.get_round(1) == RoundRow(round=1, stage_id="full", accuracy=0.5)
+        assert store.devices() == [DeviceRow(serial="R58M", model="SM-A525F")]
+        store.record_round(RoundRow(round=2, stage_id="full", aggregate_s=0.01, eval_s=0.2))
+        assert store.get_round(2).eval_s == 0.2
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
+
+
 def test_bad_run_directories_are_host_errors(tmp_path: Path) -> None:
     with pytest.raises(HostError, match="not a run directory"):
         RunStore.open(tmp_path)
