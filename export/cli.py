@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--blocks", default=None, help="number of blocks (default: the model's natural split)")
     p.add_argument("--stages", default=None, help="comma list of stage ids (default: all), e.g. grow-1,full")
     p.add_argument("--seed", default="0", help="seed of the initial weights (default 0)")
+    p.add_argument("--split", action="store_true",
+                   help="also export SmartSplit cuts: split_front-<cut> / split_back-<cut> + the manifest's split section")
+    p.add_argument("--cuts", default=None, help="with --split: comma list of cuts (default: every cut), e.g. 1.stem.conv,2")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -82,7 +85,10 @@ def _parse_spec(args: argparse.Namespace) -> Any:
     shape = parse_shape(args.input)
     engines = _list(args.engines) or ()
     stages = _list(args.stages)
-    for option, items in (("--engines", engines), ("--stages", stages or ())):
+    cuts = _list(getattr(args, "cuts", None))
+    if cuts is not None and not getattr(args, "split", False):
+        raise ExportError("--cuts needs --split")
+    for option, items in (("--engines", engines), ("--stages", stages or ()), ("--cuts", cuts or ())):
         if len(set(items)) != len(items):
             raise ExportError(f"{option} names an item twice: {','.join(items)}")
     for engine in engines:
@@ -97,6 +103,8 @@ def _parse_spec(args: argparse.Namespace) -> Any:
         num_blocks=None if args.blocks is None else _int(args.blocks, "--blocks", 2),
         stages=stages,
         seed=_int(args.seed, "--seed", 0),
+        split=bool(getattr(args, "split", False)),
+        cuts=cuts,
     )
 
 
@@ -109,7 +117,7 @@ def summary(manifest: Manifest, out_dir: Path, built: list[str], seconds: float)
         "batch_size": manifest.batch_size,
         "engines": list(manifest.engines),
         "built": built,
-        "cached": len(manifest.stages) * len(manifest.engines) - len(built),
+        "cached": sum(len(s.artifacts) for s in manifest.stages) - len(built),
         "seconds": round(seconds, 2),
         "stages": [
             {
@@ -123,6 +131,13 @@ def summary(manifest: Manifest, out_dir: Path, built: list[str], seconds: float)
             }
             for s in manifest.stages
         ],
+        **({"split_cuts": [
+            {"cut": c["cut"], "activation_shape": c["activation"]["shape"],
+             "transfer_bytes_per_batch": c["transfer_bytes_per_batch"]["total"],
+             "device_footprint_bytes": c["device"]["footprint_bytes"],
+             "device_footprint_recompute_all_bytes": c["device"]["footprint_recompute_all_bytes"],
+             "server_footprint_bytes": c["server"]["footprint_bytes"]}
+            for c in manifest.split.cuts]} if manifest.split is not None else {}),
     }
 
 
@@ -141,8 +156,22 @@ def _table(data: dict[str, Any]) -> Any:
         table.add_row(
             s["id"], f"{s['trainable_params']:,}", f"{s['frozen_params']:,}",
             f"{s['memory_total_bytes'] / 2**20:.1f}", f"{s['flops_train_step'] / 1e9:.2f}",
-            *(f"{s['artifact_bytes'][e] / 2**20:.2f}" for e in data["engines"]),
+            *(f"{s['artifact_bytes'][e] / 2**20:.2f}" if e in s["artifact_bytes"] else "-" for e in data["engines"]),
         )
+    return table
+
+
+def _cut_table(data: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="SmartSplit cuts (predicted; per batch)")
+    for name in ("cut", "activation", "transfer MB", "device MB", "device MB, recompute all", "server MB"):
+        table.add_column(name, justify="left" if name in ("cut", "activation") else "right")
+    for c in data["split_cuts"]:
+        table.add_row(c["cut"], "x".join(str(d) for d in c["activation_shape"]),
+                      f"{c['transfer_bytes_per_batch'] / 2**20:.2f}", f"{c['device_footprint_bytes'] / 2**20:.1f}",
+                      f"{c['device_footprint_recompute_all_bytes'] / 2**20:.1f}",
+                      f"{c['server_footprint_bytes'] / 2**20:.1f}")
     return table
 
 
@@ -171,5 +200,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Console()
         out.print(_table(data))
+        if "split_cuts" in data:
+            out.print(_cut_table(data))
         out.print(f"wrote {data['manifest']} ({len(built)} built, {data['cached']} cached, {data['seconds']} s)")
     return 0

@@ -126,8 +126,43 @@ class ArtifactRef:
 
 
 @dataclass(frozen=True)
+class EngineMemoryEntry:
+    """One engine's own prediction for a stage (``memory.engines.<engine>``; docs/formats.md).
+
+    ``footprint_bytes``: peak - baseline RSS of a training step on the device runtime's
+    adapter for that engine, plain SGD; ``momentum_bytes``: what SGD momentum adds;
+    ``total_bytes``: everything the stage holds in memory beyond the engine's own code,
+    footprint included (plain SGD); ``method`` says how it was predicted, ``detail`` its
+    parts (bytes or counts, method-specific).
+    """
+
+    method: str
+    footprint_bytes: int
+    momentum_bytes: int
+    total_bytes: int
+    detail: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> EngineMemoryEntry:
+        detail = d.get("detail", {}) if isinstance(d, dict) else None
+        if not isinstance(detail, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in detail.items()):
+            raise ExportError(f"manifest {where}.detail: must map names to integers")
+        return cls(_get(d, "method", where, str), _nonneg_int(d, "footprint_bytes", where),
+                   _nonneg_int(d, "momentum_bytes", where), _nonneg_int(d, "total_bytes", where), dict(detail))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "footprint_bytes": self.footprint_bytes, "momentum_bytes": self.momentum_bytes,
+                "total_bytes": self.total_bytes, "detail": dict(self.detail)}
+
+
+@dataclass(frozen=True)
 class MemoryEntry:
-    """Predicted training footprint of a stage at ``batch_size`` (bytes)."""
+    """Predicted training footprint of a stage at ``batch_size`` (bytes).
+
+    The six numbers are engine-agnostic (torch's saved-tensor accounting); ``engines`` (optional,
+    written since the engine-aware estimators) holds each exported engine's own prediction.
+    """
 
     batch_size: int
     params_bytes: int
@@ -135,14 +170,26 @@ class MemoryEntry:
     optimizer_bytes: int
     activations_bytes: int
     total_bytes: int
+    engines: dict[str, EngineMemoryEntry] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> MemoryEntry:
         keys = ("batch_size", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes", "total_bytes")
-        return cls(*(_nonneg_int(d, k, where) for k in keys))
+        values = [_nonneg_int(d, k, where) for k in keys]
+        raw = d.get("engines", {})
+        if not isinstance(raw, dict):
+            raise ExportError(f"manifest {where}.engines: expected an object")
+        unknown = [e for e in raw if e not in ENGINE_ROLES]
+        if unknown:
+            raise ExportError(f"manifest {where}.engines: unknown engine {unknown[0]!r}")
+        engines = {e: EngineMemoryEntry.from_dict(v, f"{where}.engines.{e}") for e, v in raw.items()}
+        return cls(*values, engines=engines)
 
-    def to_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "engines"}
+        if self.engines:
+            out["engines"] = {e: m.to_dict() for e, m in self.engines.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -289,6 +336,54 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SplitSection:
+    """SmartSplit cuts (optional `split` object; docs/formats.md and docs/smartsplit.md).
+
+    Each cut is stored as export/split.py's CutDescription.to_dict(); the reader checks
+    the fields the host plans with and that both stages are in the manifest.
+    """
+
+    cuts: tuple[dict[str, Any], ...]
+    server_engine: str = "torch"
+
+    @classmethod
+    def from_dict(cls, d: Any, stage_ids: set[str]) -> SplitSection:
+        where = "split"
+        cuts = _get(d, "cuts", where, list)
+        for i, c in enumerate(cuts):
+            w = f"split.cuts[{i}]"
+            cut = _get(c, "cut", w, str)
+            for key in ("front_stage", "back_stage"):
+                sid = _get(c, key, w, str)
+                if sid not in stage_ids:
+                    raise ExportError(f"manifest {w}.{key}: stage '{sid}' is not in the manifest")
+            TensorEntry.from_dict(_get(c, "activation", w, dict), f"{w} activation")
+            transfer = _get(c, "transfer_bytes_per_batch", w, dict)
+            for key in ("up", "down", "total"):
+                _nonneg_int(transfer, key, f"{w}.transfer_bytes_per_batch")
+            device = _get(c, "device", w, dict)
+            for key in ("footprint_bytes", "footprint_recompute_all_bytes", "train_flops"):
+                _nonneg_int(device, key, f"{w}.device")
+            for j, u in enumerate(_get(device, "units", f"{w}.device", list)):
+                _get(u, "name", f"{w}.device.units[{j}]", str)
+                for key in ("saved_bytes", "input_bytes", "recompute_flops", "footprint_if_recomputed_bytes"):
+                    _nonneg_int(u, key, f"{w}.device.units[{j}]")
+            _nonneg_int(_get(c, "server", w, dict), "footprint_bytes", f"{w}.server")
+            if not cut:
+                raise ExportError(f"manifest {w}.cut: must not be empty")
+        return cls(tuple(cuts), _get(d, "server_engine", where, str))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"server_engine": self.server_engine, "cuts": [dict(c) for c in self.cuts]}
+
+    def cut(self, cut_id: str) -> dict[str, Any]:
+        for c in self.cuts:
+            if c["cut"] == cut_id:
+                return c
+        raise ExportError(f"manifest has no split cut '{cut_id}' (it has: {', '.join(c['cut'] for c in self.cuts)})")
+
+
+@dataclass(frozen=True)
 class Manifest:
     created_by: str
     versions: dict[str, str]  # package -> version that built the artifacts
@@ -301,6 +396,7 @@ class Manifest:
     stages: tuple[StageEntry, ...]
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
+    split: SplitSection | None = None  # only when exported with SmartSplit cuts
 
     def stage(self, stage_id: str) -> StageEntry:
         for s in self.stages:
@@ -344,6 +440,7 @@ class Manifest:
             stages=stages,
             format=fmt,
             version=version,
+            split=SplitSection.from_dict(d["split"], set(ids)) if d.get("split") is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -359,6 +456,7 @@ class Manifest:
             "engines": list(self.engines),
             "blocks": [b.to_dict() for b in self.blocks],
             "stages": [s.to_dict() for s in self.stages],
+            **({"split": self.split.to_dict()} if self.split is not None else {}),
         }
 
     def save(self, path: str | Path) -> None:

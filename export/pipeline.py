@@ -1,6 +1,6 @@
 """The export pipeline as explicit named stages, each a function from one artifact to the next:
 
-    model -> blocks -> stage program -> engine artifact -> manifest
+    model -> blocks -> stage program -> engine artifact -> [split cuts] -> manifest
 
 ``export_model(spec, out_dir)`` runs them for every (stage x engine) and writes
 ``out_dir/manifest.json``. Every file goes to the content-addressed store
@@ -25,10 +25,12 @@ from fedblocks.export.errors import ExportError
 from fedblocks.export.manifest import (
     ArtifactRef,
     BlockEntry,
+    EngineMemoryEntry,
     FlopsEntry,
     Manifest,
     MemoryEntry,
     ModelEntry,
+    SplitSection,
     StageEntry,
     StateEntry,
     TensorEntry,
@@ -37,7 +39,7 @@ from fedblocks.export.objects import ObjectStore, cache_key, package_versions, s
 from fedblocks.export.weights import state_dict_to_arrays, weights_to_bytes
 
 OPTIMIZERS = ("sgd",)
-_STAGE_ID = re.compile(r"^[a-z_]+(-\d+)?$")
+_STAGE_ID = re.compile(r"^[a-z_]+(-\d+(\.[A-Za-z0-9_]+)*)?$")  # split stages: split_front-1.stem.conv
 
 # progress(done, total, label): called before each (stage, engine) unit of work and once at the end.
 Progress = Callable[[int, int, str], None]
@@ -54,6 +56,10 @@ class ExportSpec:
     stages: tuple[str, ...] | None = None  # None: every stage of the model
     seed: int = 0
     optimizer: str = "sgd"
+    # SmartSplit: also export split_front-<cut> (every engine) + split_back-<cut> (server, torch eager:
+    # no device artifacts) and the manifest's `split` section. cuts None: every cut of split_cuts().
+    split: bool = False
+    cuts: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         from fedblocks.export.models import MODEL_NAMES
@@ -76,6 +82,8 @@ class ExportSpec:
         for sid in self.stages or ():
             if not _STAGE_ID.match(sid):
                 raise ExportError(f"bad stage id {sid!r} (expected e.g. full, grow-2, shrink-3)")
+        if self.cuts is not None and not self.split:
+            raise ExportError("cuts given without split: pass --split to export SmartSplit cuts")
 
 
 @dataclasses.dataclass
@@ -231,6 +239,65 @@ def engine_artifact(ctx: _Context, stage_id: str, engine: str) -> dict[str, Arti
     return refs
 
 
+def engine_memory_entry(ctx: _Context, stage_id: str, engine: str,
+                        refs: dict[str, ArtifactRef]) -> EngineMemoryEntry | None:
+    """The engine's own memory prediction for the stage (the builder's ``predict_memory``), cached.
+
+    None for a builder without one. Keyed by the artifacts' hashes: a rebuilt artifact is re-predicted.
+    """
+    module = builders.builder(engine)
+    if not hasattr(module, "predict_memory"):
+        return None
+    key = cache_key({**ctx.base_key, "step": "engine-memory", "batch_size": ctx.spec.batch_size, "stage": stage_id,
+                     "engine": engine, "artifacts": {role: r.sha256 for role, r in refs.items()}})
+    cached = ctx.store.get_index(key)
+    if cached is not None:
+        try:
+            return EngineMemoryEntry.from_dict(cached["memory"], "index memory")
+        except (ExportError, KeyError, TypeError):
+            pass
+    stage = stage_program(_ctx_model(ctx), stage_id)
+    files = {role: ctx.store.path(r) for role, r in refs.items()}
+    entry = EngineMemoryEntry.from_dict(module.predict_memory(stage, files, ctx.spec.batch_size), f"{engine} memory")
+    ctx.store.put_index(key, {"memory": entry.to_dict()})
+    return entry
+
+
+# ------------------------------------------------------------------ stage 4b: SmartSplit cuts
+SPLIT_SERVER_STAGE = "split_back"
+
+
+def split_cut_ids(ctx: _Context) -> list[str]:
+    """The cuts to export (spec.cuts, checked against the model's split_cuts())."""
+    from fedblocks.export.stages import split_cuts
+
+    key = cache_key({**ctx.base_key, "step": "split_cuts"})
+    cached = ctx.store.get_index(key)
+    known = list(cached["cuts"]) if cached is not None else None
+    if known is None:
+        known = split_cuts(_ctx_model(ctx))
+        ctx.store.put_index(key, {"cuts": known})
+    if ctx.spec.cuts is None:
+        return known
+    for cut in ctx.spec.cuts:
+        if cut not in known:
+            raise ExportError(f"{ctx.spec.model} has no split cut '{cut}' (cuts: {', '.join(known)})")
+    return list(ctx.spec.cuts)
+
+
+def split_description(ctx: _Context, cut: str) -> dict[str, Any]:
+    """export/split.py's description of one cut at the spec's batch size (cached)."""
+    key = cache_key({**ctx.base_key, "step": "split_cut", "batch_size": ctx.spec.batch_size, "cut": cut})
+    cached = ctx.store.get_index(key)
+    if cached is not None and isinstance(cached.get("cut"), dict):
+        return dict(cached["cut"])
+    from fedblocks.export.split import describe_cut
+
+    described = describe_cut(_ctx_model(ctx), cut, ctx.spec.batch_size).to_dict()
+    ctx.store.put_index(key, {"cut": described})
+    return described
+
+
 # ------------------------------------------------------------------ stage 5: manifest
 def _created_by() -> str:
     try:
@@ -267,22 +334,30 @@ def export_model_with_stats(
     }
     ctx = _Context(spec=spec, store=store, base_key=base_key)
     model, blocks, all_ids = model_entry(ctx)
-    stage_list = list(spec.stages) if spec.stages else all_ids
+    stage_list = list(spec.stages) if spec.stages else list(all_ids)
     for sid in stage_list:
         if sid not in all_ids:
             raise ExportError(f"{spec.model} has no stage '{sid}' (it has: {', '.join(all_ids)})")
-    total = len(stage_list) * len(spec.engines)
+    cuts = split_cut_ids(ctx) if spec.split else []
+    stage_list += [sid for cut in cuts for sid in (f"split_front-{cut}", f"{SPLIT_SERVER_STAGE}-{cut}")
+                   if sid not in stage_list]
+    # the server segment runs on the host (torch eager, from the global weights): no device artifacts
+    engines_of = {sid: () if sid.startswith(f"{SPLIT_SERVER_STAGE}-") else tuple(spec.engines) for sid in stage_list}
+    total = sum(len(e) for e in engines_of.values())
     done = 0
     stages: list[StageEntry] = []
     for sid in stage_list:
         entry = stage_description(ctx, sid)
         artifacts: dict[str, dict[str, ArtifactRef]] = {}
-        for engine in spec.engines:
+        for engine in engines_of[sid]:
             if progress is not None:
                 progress(done, total, f"{sid} / {engine}")
             artifacts[engine] = engine_artifact(ctx, sid, engine)
             done += 1
-        stages.append(dataclasses.replace(entry, artifacts=artifacts))
+        engine_memory = {e: m for e in artifacts if (m := engine_memory_entry(ctx, sid, e, artifacts[e])) is not None}
+        stages.append(dataclasses.replace(entry, artifacts=artifacts,
+                                          memory=dataclasses.replace(entry.memory, engines=engine_memory)))
+    split = SplitSection(tuple(split_description(ctx, cut) for cut in cuts)) if spec.split else None
     if progress is not None:
         progress(done, total, "done")
     manifest = Manifest(
@@ -295,6 +370,7 @@ def export_model_with_stats(
         engines=tuple(spec.engines),
         blocks=blocks,
         stages=tuple(stages),
+        split=split,
     )
     manifest.save(out_dir / "manifest.json")
     return manifest, list(ctx.built)
