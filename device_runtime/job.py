@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .spec import OptimizerConfig, SpecError, StageSpec
+from .split_config import SplitConfig, SplitConfigError, parse_split_config
 
 JOB_FORMAT = "fedblocks.job"
 JOB_VERSION = 1
@@ -124,6 +125,7 @@ class Job:
     budget_mb: float | None = None
     budget_applies_to: str = "process"
     timeout_s: float | None = None
+    split: SplitConfig | None = None  # SmartSplit: the server to talk to (split_config.py)
 
     def verify_files(self) -> None:
         """Check that every referenced file exists with the right sha256 (JobError otherwise)."""
@@ -142,6 +144,7 @@ class Job:
             "training": self.training.to_dict(), "budget_mb": self.budget_mb,
             "budget_applies_to": self.budget_applies_to, "timeout_s": self.timeout_s,
             "meters": self.meters.to_dict(), "output_dir": str(self.output_dir),
+            **({"split": self.split.to_dict()} if self.split is not None else {}),
         }
 
 
@@ -234,12 +237,18 @@ def parse_job(raw: dict[str, Any], job_dir: Path) -> Job:
     out = raw.get("output_dir", DEFAULT_OUTPUT_DIR)
     if not isinstance(out, str) or not out.strip():
         raise JobError(f"output_dir: expected a non-empty path string, got {out!r}")
+    split = None
+    if raw.get("split") is not None or stage.kind == "split_front":
+        try:
+            split = parse_split_config(raw.get("split"), stage)
+        except SplitConfigError as exc:
+            raise JobError(str(exc)) from exc
     return Job(job_id=job_id, engine=engine, stage=stage, stage_dict=stage_dict, artifacts=artifacts,
                data=data, init_weights=init_weights, training=training, meters=meters,
                output_dir=_resolve(out, job_dir),
                budget_mb=None if budget_mb is None else float(budget_mb),
                budget_applies_to=budget_applies_to,
-               timeout_s=None if timeout_s is None else float(timeout_s))
+               timeout_s=None if timeout_s is None else float(timeout_s), split=split)
 
 
 def _check_stage(stage: StageSpec) -> None:

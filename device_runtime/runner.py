@@ -90,16 +90,32 @@ def empty_metrics() -> dict[str, Any]:
         "battery": {"start": None, "end": None}, "thermal_c": {"start": None, "end": None},
         "cpu_freq_khz": {"start": None, "end": None, "mean": None},
         "device": device_info(),
+        "split": None,  # SmartSplit jobs: cut, wire bytes, per-phase seconds, recompute decisions
     }
 
 
-def predicted_footprint(memory: dict[str, Any], momentum: float) -> int | None:
-    """What peak - baseline should be by the manifest: grads + optimizer state + activations.
+def _engine_memory(memory: dict[str, Any], engine: str | None) -> dict[str, Any] | None:
+    """The manifest's own prediction for this engine (memory.engines.<engine>), if it has a valid one."""
+    entry = (memory.get("engines") or {}).get(engine) if isinstance(memory.get("engines"), dict) else None
+    keys = ("footprint_bytes", "momentum_bytes", "total_bytes")
+    if isinstance(entry, dict) and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
+                                       for k in keys):
+        return entry
+    return None
 
-    Parameters are excluded: they are resident before the baseline is taken (after load).
-    The manifest counts SGD without momentum (no optimizer state); a job with momentum
-    adds one buffer per trainable tensor, the size of the gradients.
+
+def predicted_footprint(memory: dict[str, Any], momentum: float, engine: str | None = None) -> int | None:
+    """What peak - baseline should be by the manifest.
+
+    The engine's own prediction when the manifest has one (memory.engines.<engine>:
+    footprint_bytes, plus momentum_bytes for a job with momentum); otherwise the
+    engine-agnostic grads + optimizer state + activations. Parameters are excluded: they
+    are resident before the baseline is taken (after load). The manifest counts SGD
+    without momentum; a job with momentum adds one buffer per trainable tensor.
     """
+    entry = _engine_memory(memory, engine)
+    if entry is not None:
+        return entry["footprint_bytes"] + (entry["momentum_bytes"] if momentum > 0 else 0)
     parts = [memory.get(k) for k in ("grads_bytes", "optimizer_bytes", "activations_bytes")]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in parts):
         return None
@@ -161,8 +177,11 @@ def _train_supervised(job: Job, staging: Path, metrics: dict[str, Any]) -> tuple
                    threads=job.training.threads)
     mem = metrics["memory"]
     total = stage.memory.get("total_bytes")
+    engine_memory = _engine_memory(stage.memory, job.engine)
+    if engine_memory is not None:
+        total = engine_memory["total_bytes"] + (engine_memory["momentum_bytes"] if job.training.optimizer.momentum else 0)
     mem.update(sample_hz=job.meters.memory_hz, budget_applies_to=job.budget_applies_to,
-               predicted_footprint_bytes=predicted_footprint(stage.memory, job.training.optimizer.momentum),
+               predicted_footprint_bytes=predicted_footprint(stage.memory, job.training.optimizer.momentum, job.engine),
                predicted_total_bytes=total if isinstance(total, int) else None,
                budget_bytes=None if job.budget_mb is None else int(job.budget_mb * MIB))
 
@@ -201,6 +220,9 @@ def _fill_metrics(job: Job, sup: Supervision, sampler: meters.SysfsSampler,
         step_latency_median_s=median(latencies[1:] if len(latencies) > 1 else latencies) if latencies else None,
         wall_s=sup.ended_t - sup.started_t,
     )
+    split = sup.last("split")
+    if split is not None:
+        metrics["split"] = {k: v for k, v in split.items() if k not in ("event", "t")}
     if loaded is None:
         return
     num_samples = int(loaded.get("num_samples") or 0)

@@ -55,6 +55,10 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
     plan = json.loads(plan_path.read_text(encoding="utf-8"))
     job = parse_job(plan, plan_path.parent)
     progress.emit("started", pid=os.getpid())
+    if job.split is not None:  # SmartSplit: the front of the model here, the rest on the server
+        from .split_job import train_split
+
+        return train_split(job, staging, progress)
 
     t0 = time.monotonic()
     data = load_shard(job.data.path, job.stage)

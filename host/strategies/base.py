@@ -48,6 +48,61 @@ class RoundPlan:
     client_ids: tuple[int, ...]
     jobs: Mapping[int, ClientJob]
     notes: str = ""
+    # per-client stage, for strategies that give clients different stages in one round (SmartSplit's
+    # cuts); a client not listed trains `stage_id`
+    client_stages: Mapping[int, str] = field(default_factory=dict)
+
+    def stage_of(self, client_id: int) -> str:
+        return self.client_stages.get(client_id, self.stage_id)
+
+    def stage_ids(self) -> list[str]:
+        """Every stage the round trains, `stage_id` first."""
+        others = sorted({self.stage_of(c) for c in self.client_ids} - {self.stage_id})
+        return [self.stage_id, *others]
+
+
+@dataclass(frozen=True)
+class PeerEndpoint:
+    """A server a client's job talks to while it trains (a strategy's round session).
+
+    `job_fields(host, port)` gives the extra job.json fields for the job, with the server's
+    address as the DEVICE sees it: the executor passes `host`/`port` unchanged for a direct
+    connection, or the device-side port it mapped with `adb reverse` (`via = "reverse"`).
+    """
+
+    host: str
+    port: int
+    job_fields: Callable[[str, int], Mapping[str, Any]]
+    via: str = "direct"  # direct | reverse
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    """What the server side of a round contributes to one client's update."""
+
+    tensors: Mapping[str, np.ndarray]
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+class RoundSession(ABC):
+    """Server-side work a strategy runs during one round (SmartSplit: the server segments).
+
+    The loop asks `endpoint` for every job it starts, hands every job's status (`ok` =
+    the bundle was accepted) and metrics.json to `finish`, and merges each SessionResult's
+    tensors into that client's result before `aggregate`; an accepted client without a
+    SessionResult is excluded. `close` is always called, also when the round failed.
+    """
+
+    @abstractmethod
+    def endpoint(self, client_id: int, job_id: str, steps: int) -> PeerEndpoint:
+        """Where the job connects; `steps` is how many training steps it will run."""
+
+    @abstractmethod
+    def finish(self, statuses: Mapping[int, str], metrics: Mapping[int, Mapping[str, Any]]) -> dict[int, SessionResult]:
+        """Results of the accepted clients whose server side completed; the rest are discarded."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sockets and threads."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +156,8 @@ class StrategyContext:
     seed: int
     training: TrainingDefaults
     weighted_aggregation: bool = True
+    testbed: str = "simulated"  # simulated | virtual | adb
+    engine: str = "torch"  # the phones' engine
     tensor_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     block_tensor_names: Mapping[int, Sequence[str]] = field(default_factory=dict)
     output_module_sources: Mapping[str, str] = field(default_factory=dict)
@@ -178,6 +235,15 @@ class Strategy(ABC):
 
     def eval_target(self) -> EvalTarget:
         return EvalTarget("prefix", self.ctx.num_blocks)
+
+    def round_session(self, rnd: int, plan: RoundPlan, global_weights: Mapping[str, np.ndarray]) -> RoundSession | None:
+        """A server side for the planned round (default: none)."""
+        return None
+
+    @classmethod
+    def stage_ids_for(cls, model: Any) -> list[str] | None:
+        """The stages this strategy may plan for `model`, if not the loop's default set."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
