@@ -112,6 +112,27 @@ def explicit_softmax(x: Tensor, dim: int = -1) -> Tensor:
     return e / e.sum(dim=dim, keepdim=True)
 
 
+class ExplicitSoftmax(nn.Module):
+    """explicit_softmax as a module, so rewrite_for_engine can give ORT its native Softmax: ORT 1.19
+    has no gradient for the ReduceMax of the shift (the ONNX graph has no stop-gradient)."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return explicit_softmax(x, self.dim)
+
+
+class MaxPool2x2(nn.Module):
+    """2x2 stride-2 max-pool as reshape + amax (plain ops ExecuTorch can differentiate; ORT gets
+    its native MaxPool, which has a gradient where ReduceMax has none)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))
+
+
 def explicit_gelu(x: Tensor) -> Tensor:
     """GELU, tanh approximation, with mul / tanh only."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
@@ -228,7 +249,8 @@ def rewrite_for_engine(module: nn.Module, engine: str) -> nn.Module:
 
     Parameter and buffer names are unchanged. All engines: torch BatchNorm ->
     ExplicitBatchNorm (zoo models already use it). "executorch": nn.Conv2d ->
-    UnfoldConv2d as well. The input module is never modified; train / eval modes
+    UnfoldConv2d as well. "ort": ExplicitSoftmax -> nn.Softmax and MaxPool2x2 ->
+    nn.MaxPool2d (ORT 1.19 has no ReduceMax gradient). The input module is never modified; train / eval modes
     of every submodule are preserved.
     """
     if engine not in ENGINES:
@@ -240,5 +262,8 @@ def rewrite_for_engine(module: nn.Module, engine: str) -> nn.Module:
     }
     if engine == "executorch":
         convert[nn.Conv2d] = UnfoldConv2d.from_conv
+    if engine == "ort":
+        convert[ExplicitSoftmax] = lambda m: nn.Softmax(dim=m.dim)
+        convert[MaxPool2x2] = lambda m: nn.MaxPool2d(2, 2)
     _swap_modules(out, convert)
     return out

@@ -62,6 +62,8 @@ def require_modules(engine: str, *modules: str) -> None:
 
 
 _OP_PATTERNS = (
+    # ORT's gradient builder: "The gradient builder has not been registered: ReduceMax for node /x/ReduceMax"
+    re.compile(r"has not been registered: ([A-Za-z0-9_]+ for node \S+)"),
     re.compile(r"\b(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)"),
     re.compile(r"\b(torch\.ops\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)"),
     re.compile(r"[Oo]perator\s+'?([A-Za-z0-9_:.]+)'?"),

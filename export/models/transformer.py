@@ -18,7 +18,7 @@ from fedblocks.export.blocks import BlockedModel
 from fedblocks.export.errors import ExportError
 from fedblocks.export.models.common import check_image_shape
 from fedblocks.export.output_modules import TokenHead, linear_basic_layer
-from fedblocks.export.rewrites import ExplicitEmbedding, ExplicitLayerNorm, explicit_gelu, explicit_softmax
+from fedblocks.export.rewrites import ExplicitEmbedding, ExplicitLayerNorm, ExplicitSoftmax, explicit_gelu
 
 
 class Attention(nn.Module):
@@ -27,6 +27,7 @@ class Attention(nn.Module):
         self.heads, self.causal = heads, causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.softmax = ExplicitSoftmax(dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -38,7 +39,7 @@ class Attention(nn.Module):
             pos = torch.arange(t, device=x.device)
             future = (pos.unsqueeze(0) > pos.unsqueeze(1)).to(scores.dtype)
             scores = scores - future * 1e9
-        out = torch.matmul(explicit_softmax(scores, dim=-1), v)  # (B, H, T, dh)
+        out = torch.matmul(self.softmax(scores), v)  # (B, H, T, dh)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 

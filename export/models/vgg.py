@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from torch import Tensor, nn
+from torch import nn
 
 from fedblocks.export.blocks import BlockedModel
 from fedblocks.export.models.common import check_image_shape, check_num_blocks
 from fedblocks.export.output_modules import PoolLinearHead, conv_basic_layer
-from fedblocks.export.rewrites import ExplicitBatchNorm2d
+from fedblocks.export.rewrites import ExplicitBatchNorm2d, MaxPool2x2
 
 # Conv widths per resolution group; every group ends in a 2x2 max-pool.
 VGG16_GROUPS = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
-
-
-class MaxPool2x2(nn.Module):
-    """2x2 stride-2 max-pool as reshape + amax (plain ops every engine can differentiate)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        return x.reshape(n, c, h // 2, 2, w // 2, 2).amax(dim=(3, 5))
 
 
 def vgg16(num_classes: int, input_shape: tuple[int, ...], num_blocks: int | None = None) -> BlockedModel:

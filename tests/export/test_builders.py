@@ -234,6 +234,9 @@ def test_failing_operator_is_named() -> None:
     exc = RuntimeError("Operator torch._ops.aten._native_batch_norm_legit_functional.default is not in Core ATen")
     assert builders.failing_operator(exc) == "aten._native_batch_norm_legit_functional.default"
     assert builders.failing_operator(RuntimeError("no op here")) is None
+    ort = RuntimeError("gradient_builder.cc:29 ... gradient_builder != nullptr was false. The gradient builder has "
+                       "not been registered: ReduceMax for node /blocks.0/pool/ReduceMax\n")
+    assert builders.failing_operator(ort) == "ReduceMax for node /blocks.0/pool/ReduceMax"
 
 
 def test_unknown_engine_and_stage(tmp_path: Path) -> None:
