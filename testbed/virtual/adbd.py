@@ -43,6 +43,12 @@ from .sysfs import SysfsModel
 from .throttle import Throttle
 
 FEATURES = ["shell_v2", "cmd"]
+SHELL_V2_SDK = 24   # adbd gained shell_v2 and cmd in Android 7.0: older phones offer only `shell:` (v1)
+
+
+def features_for(sdk: int) -> list[str]:
+    """The feature list a real adbd of that Android version advertises (as far as we emulate it)."""
+    return list(FEATURES) if sdk >= SHELL_V2_SDK else []
 MAX_AUTH_FAILURES = 16
 MONITOR_PERIOD_S = 0.1
 IDLE_MONITOR_PERIOD_S = 1.0   # nothing running on the phone: nothing to measure or throttle
@@ -385,7 +391,8 @@ class AdbDaemon:
         props = self.profile.properties()
         self.banner = p.connect_banner({"ro.product.name": props["ro.product.name"],
                                         "ro.product.model": props["ro.product.model"],
-                                        "ro.product.device": props["ro.product.device"]}, FEATURES)
+                                        "ro.product.device": props["ro.product.device"]},
+                                       features_for(self.profile.sdk))
         self.running = True
         self._ids = 0
         self._ids_lock = threading.Lock()

@@ -93,6 +93,40 @@ def test_shell_exit_status_and_stderr_separation(adb: AdbServer, phone: VirtualP
     assert adb(*s, "shell", "pwd", check=True).stdout.decode().rstrip().endswith("/data/local/tmp")
 
 
+def test_sync_list_and_stat(adb: AdbServer, phone: VirtualPhone, tmp_path: Path) -> None:
+    folder = phone.sandbox / "data/local/tmp/listing"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.bin").write_bytes(b"x" * 1234)
+    (folder / "with space.txt").write_text("hi")
+    lines = adb("-s", phone.serial, "ls", "/data/local/tmp/listing", check=True).stdout.decode().splitlines()
+    entries = {line.split(None, 3)[3]: line.split(None, 3)[:3] for line in lines}   # mode size mtime name
+    assert {"a.bin", "with space.txt"} <= set(entries)
+    assert int(entries["a.bin"][1], 16) == 1234 and int(entries["a.bin"][0], 16) & 0o170000 == 0o100000
+    # push onto an existing directory STATs it first and lands inside it
+    (tmp_path / "into.txt").write_text("inside")
+    adb("-s", phone.serial, "push", str(tmp_path / "into.txt"), "/data/local/tmp/listing", check=True)
+    assert (folder / "into.txt").read_text() == "inside"
+
+
+def test_a_phone_without_shell_v2_gets_the_v1_shell(adb: AdbServer, tmp_path: Path) -> None:
+    """Android 6 (API 23) adbd has no shell_v2: adb 29 falls back to the `shell:` service, whose
+    stream merges stdout and stderr and carries no exit status."""
+    from dataclasses import replace
+
+    home = Path(adb.env["HOME"])
+    old = replace(load_profile("lowend"), sdk=23, release="6.0")
+    with VirtualPhone(free_port(), old, tmp_path / "state", [home / ".android" / "adbkey.pub"]) as ph:
+        assert b"connected to" in adb("connect", ph.serial, check=True).stdout
+        try:
+            assert _wait_state(adb, ph.serial, "device") == "device"
+            result = adb("-s", ph.serial, "shell", "echo to-out; echo to-err >&2; exit 5")
+            assert result.returncode == 0   # v1: no exit status reaches the client
+            assert sorted(result.stdout.split()) == [b"to-err", b"to-out"]
+            assert adb("-s", ph.serial, "shell", "getprop ro.build.version.sdk", check=True).stdout.strip() == b"23"
+        finally:
+            adb("disconnect", ph.serial)
+
+
 def test_exec_out_is_binary_safe(adb: AdbServer, phone: VirtualPhone) -> None:
     everything = bytes(range(256))
     (phone.sandbox / "data/local/tmp/all.bin").write_bytes(everything * 64)
