@@ -98,15 +98,23 @@ def _dtype_code(array: np.ndarray) -> int:
     raise FrameError(f"cannot frame an array of dtype {array.dtype} (float32, int64 only)")
 
 
-def encode_array(kind: int, step: int, array: np.ndarray) -> bytes:
-    """One frame carrying `array` (float32 or int64, converted to little-endian)."""
+def _array_parts(kind: int, step: int, array: np.ndarray) -> tuple[bytes, memoryview]:
+    """(header + shape, payload view) of an array frame; the payload is not copied when the array
+    already is C-contiguous little-endian (a phone sends its activations without a second copy)."""
     code = _dtype_code(array)
     expected, rank = _RULES[kind]
     if code != expected or (rank is not None and array.ndim != rank):
         raise FrameError(f"{MSG_NAMES[kind]} must carry {DTYPES[expected]} of rank {rank}, "
                          f"got {array.dtype} of rank {array.ndim}")
-    payload = np.ascontiguousarray(array, dtype=DTYPES[code]).tobytes()
-    return _frame(kind, code, step, tuple(array.shape), payload)
+    flat = np.ascontiguousarray(array, dtype=DTYPES[code]).reshape(-1).view(np.uint8)
+    return _head(kind, code, step, tuple(array.shape), flat.nbytes), memoryview(flat)
+
+
+def encode_array(kind: int, step: int, array: np.ndarray) -> bytes:
+    """One frame carrying `array` (float32 or int64, converted to little-endian)."""
+    head, payload = _array_parts(kind, step, array)
+    body = head + bytes(payload)
+    return body + CRC.pack(zlib.crc32(body))
 
 
 def encode_json(kind: int, step: int, meta: dict[str, Any]) -> bytes:
@@ -116,12 +124,14 @@ def encode_json(kind: int, step: int, meta: dict[str, Any]) -> bytes:
     return _frame(kind, DTYPE_UTF8, step, (len(payload),), payload)
 
 
-def _frame(kind: int, code: int, step: int, shape: tuple[int, ...], payload: bytes) -> bytes:
+def _head(kind: int, code: int, step: int, shape: tuple[int, ...], length: int) -> bytes:
     if not 0 <= step <= 0xFFFFFFFF:
         raise FrameError(f"step {step} out of range")
-    head = HEADER.pack(MAGIC, VERSION, kind, code, len(shape), step, len(payload))
-    head += struct.pack(f"<{len(shape)}I", *shape)
-    body = head + payload
+    return HEADER.pack(MAGIC, VERSION, kind, code, len(shape), step, length) + struct.pack(f"<{len(shape)}I", *shape)
+
+
+def _frame(kind: int, code: int, step: int, shape: tuple[int, ...], payload: bytes) -> bytes:
+    body = _head(kind, code, step, shape, len(payload)) + payload
     return body + CRC.pack(zlib.crc32(body))
 
 
@@ -155,7 +165,7 @@ def check_shape(kind: int, code: int, shape: tuple[int, ...], length: int) -> No
                          f"length {length}")
 
 
-def _finish(kind: int, code: int, step: int, shape: tuple[int, ...], payload: bytes, wire: int) -> Frame:
+def _finish(kind: int, code: int, step: int, shape: tuple[int, ...], payload: bytes | bytearray, wire: int) -> Frame:
     if kind in JSON_MESSAGES:
         try:
             meta = json.loads(payload.decode("utf-8"))
@@ -218,12 +228,20 @@ class FrameSocket:
         self.frames_sent += 1
 
     def send_array(self, kind: int, step: int, array: np.ndarray) -> None:
-        self.send(encode_array(kind, step, array))
+        head, payload = _array_parts(kind, step, array)
+        crc = CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+        try:
+            for part in (head, payload, crc):
+                self.sock.sendall(part)
+        except OSError as exc:
+            raise PeerClosed(f"connection lost while sending ({exc})") from None
+        self.bytes_sent += len(head) + payload.nbytes + len(crc)
+        self.frames_sent += 1
 
     def send_json(self, kind: int, step: int, meta: dict[str, Any]) -> None:
         self.send(encode_json(kind, step, meta))
 
-    def _recv_exact(self, n: int) -> bytes:
+    def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -237,7 +255,7 @@ class FrameSocket:
             if k == 0:
                 raise PeerClosed("the peer closed the connection")
             got += k
-        return bytes(buf)
+        return buf  # mutable: arrays decoded from it are writable, without another copy
 
     def recv(self, expect: int | tuple[int, ...] | None = None, step: int | None = None,
              shape: tuple[int, ...] | None = None) -> Frame:
@@ -249,13 +267,13 @@ class FrameSocket:
         t0 = time.monotonic()
         head = self._recv_exact(HEADER.size)
         self.wait_s += time.monotonic() - t0
-        kind, code, ndim, frame_step, length = check_header(head, self.max_payload_bytes)
+        kind, code, ndim, frame_step, length = check_header(bytes(head), self.max_payload_bytes)
         dims = self._recv_exact(4 * ndim)
         frame_shape = struct.unpack(f"<{ndim}I", dims)
         check_shape(kind, code, frame_shape, length)
         payload = self._recv_exact(length)
         (crc,) = CRC.unpack(self._recv_exact(CRC.size))
-        if zlib.crc32(payload, zlib.crc32(head + dims)) != crc:
+        if zlib.crc32(payload, zlib.crc32(bytes(head) + bytes(dims))) != crc:
             raise FrameError(f"{MSG_NAMES[kind]} (step {frame_step}): checksum mismatch (corrupted in transit)")
         wire = HEADER.size + len(dims) + length + CRC.size
         self.bytes_received += wire

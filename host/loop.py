@@ -37,6 +37,7 @@ import torch
 from fedblocks.device_runtime.spec import OptimizerConfig, StageSpec
 from fedblocks.host.clients.base import ClientExecutor, FileOnHost, JobOutcome, JobRequest
 from fedblocks.host.errors import HostError
+from fedblocks.host.peer import RoundSession
 from fedblocks.host.strategies import STRATEGIES
 from fedblocks.host.strategies.base import (
     ClientInfo,
@@ -395,6 +396,9 @@ def _partition(s: RunSettings, dataset: Any) -> list[np.ndarray]:
 def _candidate_stage_ids(model: Any, strategy_name: str) -> list[str]:
     from fedblocks.export.stages import stage_ids
 
+    own = STRATEGIES[strategy_name].stage_ids_for(model)
+    if own is not None:
+        return own
     if strategy_name == "neulite":
         from fedblocks.export.neulite import neulite_stage_ids
 
@@ -442,7 +446,7 @@ def build_experiment(s: RunSettings, run_dir: Path, progress: Progress) -> Exper
         tensor_shapes={k: tuple(v.shape) for k, v in init.items()},
         block_tensor_names={k: model.block_tensor_names(k) for k in range(1, model.num_blocks + 1)},
         output_module_sources=model.output_module_sources(), model=model,
-        logits_fn=host_model.logits,
+        logits_fn=host_model.logits, testbed=s.testbed, engine=s.engine,
     )
     strategy = strategy_cls(s.strategy_params, ctx)
     init = strategy.initial_weights(init)
@@ -648,28 +652,37 @@ class RoundRunner:
                                                               self.exp.run_dir / "artifacts")
         return self._artifact_cache[key]
 
-    def run(self, rnd: int, plan: RoundPlan, weights: Mapping[str, np.ndarray]) -> list[_JobResult]:
+    def run(self, rnd: int, plan: RoundPlan, weights: Mapping[str, np.ndarray],
+            session: RoundSession | None = None) -> list[_JobResult]:
+        from fedblocks.device_runtime.data import steps_planned
+
         s = self.exp.settings
-        stage = self.exp.stage_specs[plan.stage_id]
-        stage_dict = self.exp.stage_dicts[plan.stage_id]
-        init = self._stage_weights_file(stage, weights)
-        artifacts = self._artifacts(plan.stage_id, weights)
+        per_stage: dict[str, tuple[FileOnHost, dict[str, FileOnHost]]] = {}  # a round may train several stages
+        for sid in plan.stage_ids():
+            if any(plan.stage_of(c) == sid for c in plan.client_ids):
+                per_stage[sid] = (self._stage_weights_file(self.exp.stage_specs[sid], weights),
+                                  self._artifacts(sid, weights))
         respects = getattr(self.exp.strategy, "respects_budgets", True)
         requests: list[JobRequest] = []
         for cid in plan.client_ids:
             job = plan.jobs[cid]
+            sid = plan.stage_of(cid)
+            init, artifacts = per_stage[sid]
             shard, n = self._shard(plan, cid, weights)
-            job_id = f"r{rnd}-c{cid}-{plan.stage_id}"
+            job_id = f"r{rnd}-c{cid}-{sid}"
             bundle_dir = self.exp.run_dir / "bundles" / f"round-{rnd:04d}" / f"client-{cid:03d}"
             if bundle_dir.exists():
                 shutil.rmtree(bundle_dir)  # left by an interrupted attempt of this round
+            peer = None if session is None else session.endpoint(
+                cid, job_id, steps_planned(n, s.batch_size, job.epochs, job.max_steps))
             requests.append(JobRequest(
-                job_id=job_id, client_id=cid, round=rnd, engine=s.engine, stage=stage, stage_dict=stage_dict,
+                job_id=job_id, client_id=cid, round=rnd, engine=s.engine, stage=self.exp.stage_specs[sid],
+                stage_dict=self.exp.stage_dicts[sid],
                 artifacts=artifacts, shard=shard, num_samples=n, init_weights=init, epochs=job.epochs,
                 max_steps=job.max_steps, batch_size=s.batch_size, seed=derive_seed(s.seed, rnd, cid),
                 optimizer=OptimizerConfig(lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay),
                 budget_mb=self.exp.clients[cid].budget_mb if respects else None,
-                budget_mode=s.budget_mode, deadline_s=s.deadline_s, bundle_dir=bundle_dir))
+                budget_mode=s.budget_mode, deadline_s=s.deadline_s, bundle_dir=bundle_dir, peer=peer))
         cancel = threading.Event()
         outcomes: dict[int, JobOutcome] = {}
         workers = 1 if s.testbed == "simulated" else max(1, len(requests))
@@ -753,6 +766,7 @@ def _job_row(rnd: int, j: _JobResult, exp: Experiment, stage_id: str, serial: st
     temp = m.get("thermal_c") if isinstance(m.get("thermal_c"), dict) else {}
     losses = [v for v in (m.get("loss") or []) if isinstance(v, (int, float))]
     joules, source = _energy_of(m)
+    split = m.get("split") if isinstance(m.get("split"), dict) else {}  # SmartSplit jobs
 
     def mb(key: str) -> float | None:
         v = _finite_or_none(mem.get(key))
@@ -784,7 +798,13 @@ def _job_row(rnd: int, j: _JobResult, exp: Experiment, stage_id: str, serial: st
         temp_start=first_temp(temp.get("start")), temp_end=first_temp(temp.get("end")),
         train_s=_finite_or_none(m.get("train_s")), push_s=j.outcome.push_s, pull_s=j.outcome.pull_s,
         bundle_path=None if j.outcome.bundle_dir is None else str(j.outcome.bundle_dir),
-        metrics_json=json.dumps(m, default=_json_default) if m else None)
+        metrics_json=json.dumps(m, default=_json_default) if m else None,
+        cut=split.get("cut") if isinstance(split.get("cut"), str) else None,
+        bytes_up=_int_or_none(split.get("bytes_sent")), bytes_down=_int_or_none(split.get("bytes_received")))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _record_exclusions(recorder: Recorder, exp: Experiment, rnd: int, plan: RoundPlan,
@@ -805,6 +825,22 @@ def _record_exclusions(recorder: Recorder, exp: Experiment, rnd: int, plan: Roun
                        f"{plan.stage_id}: {len(excluded)} client(s) excluded, budget below {footprint:.1f} MB",
                        {"stage": plan.stage_id, "clients": list(excluded), "footprint_mb": footprint,
                         "serials": [exp.executors[c].label for c in excluded]})
+
+
+def _merge_session_results(session: RoundSession, jobs: list[_JobResult]) -> None:
+    """Add the round session's server-side tensors to every accepted result; an accepted client
+    whose server side did not complete is rejected (its partial round is discarded)."""
+    results = session.finish({j.client_id: j.status for j in jobs}, {j.client_id: j.metrics for j in jobs})
+    for j in jobs:
+        if j.status != "ok" or j.result is None:
+            continue
+        extra = results.get(j.client_id)
+        if extra is None:
+            j.status, j.reason, j.result = "rejected", "the server side of the round did not complete", None
+            continue
+        j.metrics = {**j.metrics, **dict(extra.metrics)}
+        j.result = ClientResult(j.client_id, {**j.result.tensors, **dict(extra.tensors)}, j.result.num_samples,
+                                j.metrics)
 
 
 def _calibrate_footprint(exp: Experiment, stage_id: str, jobs: list[_JobResult]) -> tuple[float, float] | None:
@@ -885,7 +921,15 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
             _record_exclusions(recorder, exp, rnd, plan, excluded_seen)
             weights = exp.strategy.begin_round(rnd, plan, weights)
             progress.round_started(rnd, plan)
-            jobs = runner.run(rnd, plan, weights) if plan.client_ids else []
+            # a strategy may run a server side during the round (SmartSplit's server segments)
+            session = exp.strategy.round_session(rnd, plan, weights) if plan.client_ids else None
+            try:
+                jobs = runner.run(rnd, plan, weights, session) if plan.client_ids else []
+                if session is not None:
+                    _merge_session_results(session, jobs)
+            finally:
+                if session is not None:
+                    session.close()
             accepted = [j for j in jobs if j.status == "ok" and j.result is not None]
             t_aggregate = time.monotonic()
             weights = exp.strategy.aggregate(rnd, plan, weights, [j.result for j in accepted if j.result])
@@ -918,12 +962,14 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
                 history["energy_j"] = (history["energy_j"] or 0.0) + energy_total
             history["energy_sources"] = sorted(set(history["energy_sources"]) | sources)
             history["participants"] = sorted(set(history["participants"]) | {j.client_id for j in accepted})
-            if plan.stage_id not in history["stages_used"]:
-                history["stages_used"].append(plan.stage_id)
+            round_stages = [sid for sid in plan.stage_ids()
+                            if sid == plan.stage_id or any(plan.stage_of(j.client_id) == sid for j in jobs)]
+            history["stages_used"] += [sid for sid in round_stages if sid not in history["stages_used"]]
             history["rejected"] += sum(1 for j in jobs if j.status not in ("ok", "straggler"))
             history["stragglers"] += sum(1 for j in jobs if j.status == "straggler")
-            calibrated = _calibrate_footprint(exp, plan.stage_id, jobs)
-            if calibrated is not None:
+            calibrated = {sid: c for sid in round_stages if (c := _calibrate_footprint(
+                exp, sid, [j for j in jobs if plan.stage_of(j.client_id) == sid])) is not None}
+            if calibrated:
                 history["footprint_mb"] = dict(exp.footprint_mb)
             events = exp.strategy.after_round(rnd, weights, {"accuracy": accuracy})
             record = RoundRecord(
@@ -939,28 +985,28 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
             # checkpoint first: a crash after it re-records this round on resume instead of re-running it
             save_checkpoint(run_dir, rnd, weights, exp.strategy, settings, history)
             for j in jobs:
-                recorder.job(rnd, _job_row(rnd, j, exp, plan.stage_id, exp.executors[j.client_id].label))
+                recorder.job(rnd, _job_row(rnd, j, exp, plan.stage_of(j.client_id), exp.executors[j.client_id].label))
                 if j.status != "ok":
                     recorder.event(rnd, "result_excluded", f"round {rnd} client {j.client_id}: {j.status}: {j.reason}",
                                    {"client": j.client_id, "status": j.status, "reason": j.reason}, level="warning")
             em = None
-            if calibrated is not None:
-                recorder.event(rnd, "footprint_calibrated", f"{plan.stage_id}: phones measured "
-                               f"{calibrated[1]:.1f} MB (predicted {calibrated[0]:.1f} MB); eligibility now uses "
-                               "the measured figure", {"stage": plan.stage_id, "predicted_mb": calibrated[0],
-                                                       "measured_mb": calibrated[1]})
+            for sid, (old_mb, new_mb) in calibrated.items():
+                recorder.event(rnd, "footprint_calibrated", f"{sid}: phones measured "
+                               f"{new_mb:.1f} MB (predicted {old_mb:.1f} MB); eligibility now uses "
+                               "the measured figure", {"stage": sid, "predicted_mb": old_mb, "measured_mb": new_mb})
             for ev in events:
                 recorder.event(rnd, ev.kind, ev.message, ev.data)
                 if ev.kind == "effective_movement":
                     em = ev.data.get("em")
-            spec = exp.stage_specs[plan.stage_id]
-            prev = stages_seen.get(plan.stage_id)
             frozen_at = next((rnd for e in events if e.kind == "block_frozen"), None)
-            stage_row = StageRow(plan.stage_id, spec.kind, int(exp.stage_dicts[plan.stage_id]["block"]) or None,
-                                 first_round=prev.first_round if prev else rnd, last_round=rnd,
-                                 frozen_at_round=frozen_at if frozen_at else (prev.frozen_at_round if prev else None))
-            recorder.stage(stage_row)
-            stages_seen[plan.stage_id] = stage_row
+            for sid in round_stages:
+                prev = stages_seen.get(sid)
+                stage_row = StageRow(sid, exp.stage_specs[sid].kind, int(exp.stage_dicts[sid]["block"]) or None,
+                                     first_round=prev.first_round if prev else rnd, last_round=rnd,
+                                     frozen_at_round=frozen_at if frozen_at and sid == plan.stage_id
+                                     else (prev.frozen_at_round if prev else None))
+                recorder.stage(stage_row)
+                stages_seen[sid] = stage_row
             recorder.round(RoundRow(round=rnd, stage_id=plan.stage_id, started_at=started_at, ended_at=time.time(),
                                     selected=len(plan.client_ids), completed=len(accepted),
                                     failed=len(jobs) - len(accepted), accuracy=accuracy, loss=None, em=em,

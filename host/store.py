@@ -23,7 +23,7 @@ from fedblocks.host.config import ExperimentConfig
 from fedblocks.host.errors import HostError
 
 DB_NAME = "run.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RUN_STATUSES: tuple[str, ...] = ("created", "running", "finished", "failed", "interrupted")
 JOB_STATUSES: tuple[str, ...] = ("ok", "oom_killed", "failed", "straggler", "rejected")
 EVENT_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
@@ -32,6 +32,8 @@ EVENT_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 _MIGRATIONS = {
     1: "ALTER TABLE rounds ADD COLUMN aggregate_s REAL; ALTER TABLE rounds ADD COLUMN eval_s REAL; "
        "ALTER TABLE devices ADD COLUMN client INTEGER;",
+    2: "ALTER TABLE device_jobs ADD COLUMN cut TEXT; ALTER TABLE device_jobs ADD COLUMN bytes_up INTEGER; "
+       "ALTER TABLE device_jobs ADD COLUMN bytes_down INTEGER;",
 }
 
 _SCHEMA = f"""
@@ -102,7 +104,10 @@ CREATE TABLE device_jobs (
     train_s REAL,
     pull_s REAL,
     bundle_path TEXT,
-    metrics_json TEXT
+    metrics_json TEXT,
+    cut TEXT,
+    bytes_up INTEGER,
+    bytes_down INTEGER
 );
 CREATE INDEX device_jobs_by_round ON device_jobs (run, round);
 CREATE TABLE devices (
@@ -212,6 +217,9 @@ class DeviceJobRow:
     pull_s: float | None = None
     bundle_path: str | None = None
     metrics_json: str | None = None  # the bundle's whole metrics.json, verbatim
+    cut: str | None = None  # SmartSplit: the cut the phone trained up to
+    bytes_up: int | None = None  # SmartSplit: bytes the phone sent to the edge server (activations, labels, framing)
+    bytes_down: int | None = None  # SmartSplit: bytes it received (gradients, losses, framing)
     id: int | None = None  # assigned by the store
 
     def metrics(self) -> dict[str, Any] | None:

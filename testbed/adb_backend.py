@@ -186,6 +186,7 @@ class AdbDevice(Device):
         self._tcp = parse_tcp_serial(serial)
         self._client: _AdbClient | None = None
         self._lock = threading.RLock()
+        self._reverse_links: dict[int, _ReverseLink] = {}
 
     @classmethod
     def connect(cls, serial: str, keys: Sequence[AdbKey] | None = None, auth_timeout_s: float = 60.0,
@@ -283,7 +284,23 @@ class AdbDevice(Device):
 
     def close(self) -> None:
         with self._lock:
+            links, self._reverse_links = dict(self._reverse_links), {}
             self._drop()
+        for link in links.values():
+            link.close()
+
+    # ----- adb reverse --------------------------------------------------------------------------
+    def reverse(self, device_port: int, host_port: int) -> int:
+        """``adb reverse tcp:D tcp:H`` without an adb server: a dedicated ADB connection asks the
+        device for the listener and then carries its streams (see _ReverseLink)."""
+        link = _ReverseLink(self, device_port, host_port)
+        self._reverse_links[link.device_port] = link
+        return link.device_port
+
+    def remove_reverse(self, device_port: int) -> None:
+        link = self._reverse_links.pop(device_port, None)
+        if link is not None:
+            link.close()  # adbd drops a reverse listener with the connection that made it
 
     def _run(self, what: str, op: Callable[[_AdbClient], _T], *, idempotent: bool) -> _T:
         """Run ``op`` on a live connection; a dropped connection is re-established once and
@@ -451,3 +468,188 @@ def _describe(exc: BaseException) -> str:
         if isinstance(arg, bytes | bytearray):
             text = bytes(arg).decode("utf-8", "replace")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _ReverseLink:
+    """One `adb reverse` mapping: the host half of adb's reverse forwarding, on its own connection.
+
+    adb-shell does the CNXN/AUTH handshake of a second connection to the device; then this
+    speaks the transport protocol itself (testbed/adb/protocol.py): it OPENs
+    ``reverse:forward:tcp:D;tcp:H`` (adbd answers "OKAY", plus the port when D was 0, or
+    "FAIL" + reason), and a pump thread serves the device's OPEN "tcp:H" requests (one per
+    connection an app makes to the device port) by connecting to 127.0.0.1:H and copying
+    WRTE payloads both ways, one WRTE in flight per direction. The device may open nothing
+    but the mapped host port. Closing the connection removes the device's listener.
+    """
+
+    def __init__(self, device: AdbDevice, device_port: int, host_port: int) -> None:
+        if not (0 <= device_port <= 65535 and 1 <= host_port <= 65535):
+            raise DeviceError(f"{device.serial}: reverse needs TCP ports, got {device_port} -> {host_port}")
+        self.serial = device.serial
+        self.host_port = host_port
+        self._target = f"tcp:{host_port}".encode()
+        self._conn = AdbDevice.connect(device.serial, keys=device.keys, auth_timeout_s=device.auth_timeout_s,
+                                       transport_timeout_s=device.transport_timeout_s, notify=device.notify)
+        client = self._conn._client
+        assert client is not None
+        self._transport = client._io_manager._transport
+        self._max_payload = max(4096, min(int(getattr(client, "_maxdata", 4096)), protocol.MAX_PAYLOAD))
+        self._send_lock = threading.Lock()
+        self._channels: dict[int, _ReverseChannel] = {}
+        self._next_id = 1
+        self._closed = False
+        try:
+            self.device_port = self._request(f"reverse:forward:tcp:{device_port};tcp:{host_port}", device_port)
+        except BaseException:
+            self._conn.close()
+            raise
+        self._pump = threading.Thread(target=self._run, name=f"adb-reverse-{self.device_port}", daemon=True)
+        self._pump.start()
+
+    # -- raw transport
+    def send(self, command: int, arg0: int, arg1: int, data: bytes = b"") -> None:
+        with self._send_lock:
+            self._transport.bulk_write(protocol.pack_message(command, arg0, arg1, data), 30.0)
+
+    def _read_exact(self, n: int, timeout_s: float | None) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            buf += self._transport.bulk_read(n - len(buf), timeout_s)
+        return bytes(buf)
+
+    def _recv(self, timeout_s: float | None) -> protocol.Message:
+        header = protocol.unpack_header(self._read_exact(protocol.HEADER_SIZE, timeout_s))
+        data = self._read_exact(header.data_length, 30.0) if header.data_length else b""
+        return protocol.Message(header.command, header.arg0, header.arg1, data)
+
+    def _request(self, service: str, device_port: int) -> int:
+        """OPEN the reverse service, read its whole reply, return the device port."""
+        local = 0x7FFF0000
+        self.send(protocol.A_OPEN, local, 0, service.encode() + b"\0")
+        reply = b""
+        deadline = time.monotonic() + 30.0
+        while True:
+            msg = self._recv(max(0.1, deadline - time.monotonic()))
+            if msg.arg1 != local:
+                continue  # nothing else is open on this connection yet
+            if msg.command == protocol.A_WRTE:
+                reply += msg.data
+                self.send(protocol.A_OKAY, local, msg.arg0)
+            elif msg.command == protocol.A_CLSE:
+                break
+        if reply.startswith(b"FAIL"):
+            raise DeviceError(f"{self.serial}: adb reverse refused: {reply[8:].decode('utf-8', 'replace')}")
+        if not reply.startswith(b"OKAY"):
+            raise DeviceError(f"{self.serial}: unexpected answer to {service!r}: {reply[:40]!r}")
+        if device_port == 0:
+            try:
+                return int(reply[8:8 + int(reply[4:8], 16)])
+            except ValueError:
+                raise DeviceError(f"{self.serial}: adb reverse did not say which port it chose: {reply!r}") from None
+        return device_port
+
+    # -- the pump
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    msg = self._recv(3600.0)
+                except (adbx.TcpTimeoutException, adbx.AdbTimeoutError):
+                    continue
+                self._handle(msg)
+        except (*_CONNECTION_FAILURES, protocol.ProtocolError):
+            pass  # the connection is gone, and with it the device's listener
+        finally:
+            for channel in list(self._channels.values()):
+                channel.close()
+
+    def _handle(self, msg: protocol.Message) -> None:
+        if msg.command == protocol.A_OPEN:
+            if msg.data.split(b"\0", 1)[0] != self._target:
+                self.send(protocol.A_CLSE, 0, msg.arg0)  # the device may reach only the mapped port
+                return
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.host_port), timeout=10)
+            except OSError:
+                self.send(protocol.A_CLSE, 0, msg.arg0)
+                return
+            local, self._next_id = self._next_id, self._next_id % 0x7FFEFFFF + 1
+            channel = _ReverseChannel(self, local, msg.arg0, sock)
+            self._channels[local] = channel
+            self.send(protocol.A_OKAY, local, msg.arg0)
+            channel.start()
+            return
+        channel = self._channels.get(msg.arg1)
+        if channel is None:
+            return
+        if msg.command == protocol.A_WRTE:
+            channel.deliver(msg.data)
+        elif msg.command == protocol.A_OKAY:
+            channel.okayed()
+        elif msg.command == protocol.A_CLSE:
+            self._channels.pop(msg.arg1, None)
+            channel.close(notify=False)
+
+    def forget(self, local: int) -> None:
+        self._channels.pop(local, None)
+
+    def close(self) -> None:
+        self._closed = True
+        self._conn.close()
+
+
+class _ReverseChannel:
+    """One device-initiated stream bridged to a host socket."""
+
+    def __init__(self, link: _ReverseLink, local: int, remote: int, sock: socket.socket) -> None:
+        self.link, self.local, self.remote, self.sock = link, local, remote, sock
+        self._may_write = threading.Event()
+        self._may_write.set()
+        self._closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._host_to_device, daemon=True).start()
+
+    def deliver(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.close()
+            return
+        self.link.send(protocol.A_OKAY, self.local, self.remote)
+
+    def okayed(self) -> None:
+        self._may_write.set()
+
+    def _host_to_device(self) -> None:
+        self.sock.settimeout(None)
+        try:
+            while not self._closed:
+                data = self.sock.recv(self.link._max_payload)
+                if not data:
+                    break
+                while not self._may_write.wait(1.0):
+                    if self._closed:
+                        return
+                self._may_write.clear()
+                self.link.send(protocol.A_WRTE, self.local, self.remote, data)
+        except (OSError, *_CONNECTION_FAILURES):
+            pass
+        self.close()
+
+    def close(self, notify: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._may_write.set()
+        self.link.forget(self.local)
+        if notify:
+            try:
+                self.link.send(protocol.A_CLSE, self.local, self.remote)
+            except (OSError, *_CONNECTION_FAILURES):
+                pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()

@@ -290,6 +290,16 @@ class Device(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.serial!r})"
 
+    # ----- reverse port forwarding (adb reverse) -----------------------------------------
+    def reverse(self, device_port: int, host_port: int) -> int:
+        """Make the device's 127.0.0.1:``device_port`` reach this host's 127.0.0.1:``host_port``
+        (``adb reverse tcp:D tcp:H``); ``device_port`` 0 lets the device pick. Returns the device
+        port. The mapping lasts until remove_reverse or close."""
+        raise DeviceError(f"{self.serial}: {type(self).__name__} cannot map ports (no adb reverse)")
+
+    def remove_reverse(self, device_port: int) -> None:  # noqa: B027 - nothing to undo without reverse()
+        """Undo reverse(); a port that is not mapped is ignored."""
+
     # ----- shell -------------------------------------------------------------------------
     def shell(self, cmd: str | Sequence[str], timeout_s: float | None = 60, *, idempotent: bool = False
               ) -> ShellResult:

@@ -45,6 +45,13 @@ class LocalDevice(Device):
         return ShellResult(out.decode("utf-8", _DECODE_ERRORS), err.decode("utf-8", _DECODE_ERRORS),
                            proc.returncode)
 
+    def reverse(self, device_port: int, host_port: int) -> int:
+        """The "device" is this machine: its 127.0.0.1 is the host's, so nothing needs mapping."""
+        if device_port not in (0, host_port):
+            raise DeviceError(f"{self.serial}: a local device reaches the host's port {host_port} directly; "
+                              f"it cannot be moved to port {device_port}")
+        return host_port
+
     def _push_raw(self, local: Path, remote: str, progress: TransferProgress) -> None:
         _copy(Path(local), Path(remote), progress, f"push to {self.serial}:{remote}")
 

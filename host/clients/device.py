@@ -53,6 +53,7 @@ class DeviceClient(ClientExecutor):
         self.runtime = runtime
         self.profile = profile  # a virtual phone's profile name (None for a real phone)
         self._lock = threading.Lock()  # one job at a time per phone
+        self._reversed: list[int] = []  # device ports `adb reverse` maps for the running job
 
     def _ensure(self, f: FileOnHost) -> tuple[str, int]:
         before = self.cache.stats.bytes_pushed
@@ -91,6 +92,8 @@ class DeviceClient(ClientExecutor):
                 return self._run(request, cancel, t0)
             except (TestbedError, OSError, ValueError) as exc:
                 return JobOutcome(None, time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"[:400])
+            finally:
+                self._unmap_reverse()
 
     def describe(self) -> ClientDescription:
         from fedblocks.testbed.errors import TestbedError
@@ -101,6 +104,30 @@ class DeviceClient(ClientExecutor):
             return ClientDescription(profile=self.profile)
         return ClientDescription(model=props.model, soc=props.soc, abi=props.abi,
                                  ram_mb=None if props.ram_mb is None else float(props.ram_mb), profile=self.profile)
+
+    def _job_with_peer(self, request: JobRequest, remote: dict[str, str]) -> dict[str, Any]:
+        """job.json, plus the fields of the server the job talks to (request.peer), addressed as the
+        phone sees it: directly, or through a port `adb reverse` maps to the host's."""
+        job = self.job_json(request, remote)
+        peer = request.peer
+        if peer is not None:
+            host, port = peer.host, peer.port
+            if peer.via == "reverse":
+                port = self.device.reverse(0, peer.port)
+                self._reversed.append(port)
+                host = "127.0.0.1"
+            job.update(peer.job_fields(host, port))
+        return job
+
+    def _unmap_reverse(self) -> None:
+        from fedblocks.testbed.errors import TestbedError
+
+        while self._reversed:
+            port = self._reversed.pop()
+            try:
+                self.device.remove_reverse(port)
+            except (TestbedError, OSError):
+                pass  # the phone went away: its mappings went with it
 
     def _run(self, request: JobRequest, cancel: threading.Event, t0: float) -> JobOutcome:
         pushed = 0
@@ -114,7 +141,7 @@ class DeviceClient(ClientExecutor):
         self.device.makedirs(workdir)
         with tempfile.TemporaryDirectory() as tmp:
             job_path = Path(tmp) / "job.json"
-            job_path.write_text(json.dumps(self.job_json(request, remote), indent=1), encoding="utf-8")
+            job_path.write_text(json.dumps(self._job_with_peer(request, remote), indent=1), encoding="utf-8")
             self.device.push(job_path, f"{workdir}/job.json")
             pushed += job_path.stat().st_size
         push_s = time.monotonic() - t0

@@ -56,6 +56,10 @@ class SimulatedClient(ClientExecutor):
         return ClientDescription(model="simulated (torch in the host process)", profile=self.profile.name)
 
     def run(self, request: JobRequest, cancel: threading.Event) -> JobOutcome:
+        if request.peer is not None:  # a job that trains with a server (SmartSplit): host/split/simulated.py
+            from fedblocks.host.split.simulated import run_split_job
+
+            return run_split_job(self, request, cancel)
         t0 = time.monotonic()
         writer = BundleWriter(request.bundle_dir)
         staging = writer.open()

@@ -134,6 +134,9 @@ def render_page(runs: Sequence[RunReport], summary: Table, top_plots: Sequence[P
             if key in plots:
                 parts.append(render_plot(plots[key]))
         parts.append(render_table(tables["energy"], collapsed=len(tables["energy"].rows) > 12))
+        if "split" in tables:
+            parts.append('<h3 class="section">SmartSplit</h3>')
+            parts.append(render_table(tables["split"], collapsed=len(tables["split"].rows) > 12))
         parts.append('<h3 class="section">Devices and failures</h3>')
         parts.append(render_table(tables["devices"]))
         parts.append(render_table(tables["failures"], collapsed=len(tables["failures"].rows) > 12))

@@ -285,11 +285,54 @@ def failures_table(r: RunReport, prefix: str) -> Table:
         caption="device_jobs with status oom_killed, failed, straggler or rejected (excluded from aggregation)")
 
 
+def split_table(r: RunReport, prefix: str) -> Table | None:
+    """SmartSplit jobs: the cut each device trained to and what crossed the wire (None for other runs)."""
+    jobs = [j for j in r.jobs if j.row.cut is not None or (j.row.stage_id or "").startswith("split_front-")]
+    if not jobs:
+        return None
+    rows: list[tuple[Value, ...]] = []
+    for j in jobs:
+        try:
+            metrics = j.row.metrics() or {}
+        except ValueError:
+            metrics = {}
+        split = metrics.get("split") if isinstance(metrics.get("split"), dict) else {}
+        server = metrics.get("server") if isinstance(metrics.get("server"), dict) else {}
+        recompute = split.get("recompute") if isinstance(split.get("recompute"), dict) else {}
+        phase = split.get("phase_s") if isinstance(split.get("phase_s"), dict) else {}
+        steps = split.get("steps") if isinstance(split.get("steps"), int) else None
+        cut = j.row.cut or (j.row.stage_id or "").removeprefix("split_front-")
+        mb = 1024 * 1024
+        per_step = (j.row.bytes_up or 0) + (j.row.bytes_down or 0)
+        units = recompute.get("final_units") if isinstance(recompute.get("final_units"), list) else []
+        rows.append((j.row.round, j.device, j.row.client, cut, j.row.status,
+                     None if j.row.bytes_up is None else _r(j.row.bytes_up / mb, 4),
+                     None if j.row.bytes_down is None else _r(j.row.bytes_down / mb, 4), steps,
+                     _r(per_step / steps / mb, 4) if steps else None,
+                     _r(phase.get("wait_s") / steps, 5) if steps and isinstance(phase.get("wait_s"), (int, float))
+                     else None, _r(server.get("server_step_s_mean"), 5) if isinstance(
+                         server.get("server_step_s_mean"), (int, float)) else None,
+                     ", ".join(units) or None, "modelled" if recompute.get("modelled") else
+                     ("measured" if split else None)))
+    return Table(f"{prefix}split", "SmartSplit: cut per device and bytes transferred", (
+        Column("round", "round"), Column("device", "device"), Column("client", "client"), Column("cut", "cut"),
+        Column("status", "status"), Column("up_mb", "sent, MB", ".2f"), Column("down_mb", "received, MB", ".2f"),
+        Column("steps", "steps"), Column("mb_per_step", "MB / step (both ways)", ".2f"),
+        Column("wait_s", "wait per step, s", ".4f"), Column("server_step_s", "server step, s", ".4f"),
+        Column("recompute", "recomputed units"), Column("source", "memory decisions")), rows,
+        caption="device_jobs.cut / bytes_up / bytes_down (counted by the phone at its socket, framing included); "
+                "wait = from the activation sent to the gradient received (network + server); server step and "
+                "recomputed units from metrics.json (server: the edge server's session)")
+
+
 def run_tables(r: RunReport, index: int, many: bool) -> dict[str, Table]:
     p = _prefix(r, index, many)
     tables = [rounds_table(r, p), stages_table(r, p), memory_table(r, p), latency_table(r, p),
               round_time_table(r, p), energy_totals_table(r, p), energy_table(r, p), devices_table(r, p),
               failures_table(r, p)]
+    split = split_table(r, p)
+    if split is not None:
+        tables.append(split)
     return {t.id.removeprefix(p): t for t in tables}
 
 

@@ -20,16 +20,19 @@ Every change is reported as an event (after_round) and checkpointed with the str
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedblocks.device_runtime.spec import OptimizerConfig
+from fedblocks.host.peer import PeerEndpoint, RoundSession, SessionResult
 from fedblocks.host.split.central import CentralManager
 from fedblocks.host.split.edge import EdgeServer, server_program, session_tensors
-from fedblocks.host.strategies.base import PeerEndpoint, RoundPlan, RoundSession, SessionResult
+
+if TYPE_CHECKING:
+    from fedblocks.host.strategies.base import RoundPlan
 
 MIB = 1024 * 1024
 
@@ -57,7 +60,8 @@ def device_view(description: Mapping[str, Any], momentum: bool) -> tuple[int, li
 class SplitRound(RoundSession):
     def __init__(self, rnd: int, plan: RoundPlan, weights: Mapping[str, np.ndarray], cuts: Mapping[str, Any],
                  templates: Mapping[str, Any], num_classes: int, batch_size: int, settings: SplitSettings,
-                 momentum: bool) -> None:
+                 momentum: bool, on_finish: Callable[[Mapping[int, str], Mapping[int, Mapping[str, Any]],
+                                                      Mapping[int, Mapping[str, Any]]], None] | None = None) -> None:
         self.rnd = rnd
         self.plan = plan
         self.weights = weights
@@ -67,6 +71,7 @@ class SplitRound(RoundSession):
         self.batch_size = batch_size
         self.settings = settings
         self.momentum = momentum
+        self.on_finish = on_finish  # (job statuses, job metrics, server session metrics): the edge manager
         self.server = EdgeServer(settings.bind_host, 0, settings.max_parallel, settings.io_timeout_s).start()
 
     def cut_of(self, client_id: int) -> str:
@@ -95,10 +100,9 @@ class SplitRound(RoundSession):
     def finish(self, statuses: Mapping[int, str], metrics: Mapping[int, Mapping[str, Any]]) -> dict[int, SessionResult]:
         accepted = [cid for cid, st in statuses.items() if st == "ok"]
         done = self.server.results(accepted)
+        if self.on_finish is not None:
+            self.on_finish(statuses, metrics, {s.client_id: s.metrics() for s in self.server.sessions()})
         return {cid: SessionResult(session_tensors(s), {"server": s.metrics()}) for cid, s in done.items()}
-
-    def session_metrics(self) -> dict[int, dict[str, Any]]:
-        return {s.client_id: s.metrics() for s in self.server.sessions()}
 
     def close(self) -> None:
         self.server.close()

@@ -7,7 +7,8 @@ from fedblocks.host.strategies.exclusivefl import ExclusiveFL
 from fedblocks.host.strategies.fedavg import FedAvg
 from fedblocks.host.strategies.neulite import NeuLite
 from fedblocks.host.strategies.profl import ProFL
+from fedblocks.host.strategies.smartsplit import SmartSplit
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, ExclusiveFL, ProFL, NeuLite)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, ExclusiveFL, ProFL, NeuLite, SmartSplit)}
 
-__all__ = ["STRATEGIES", "ExclusiveFL", "FedAvg", "NeuLite", "ProFL", "Strategy"]
+__all__ = ["STRATEGIES", "ExclusiveFL", "FedAvg", "NeuLite", "ProFL", "SmartSplit", "Strategy"]

@@ -20,6 +20,7 @@ import numpy as np
 
 from fedblocks.device_runtime.spec import StageSpec
 from fedblocks.host.aggregate import ClientUpdate, fedavg
+from fedblocks.host.peer import PeerEndpoint, RoundSession, SessionResult
 
 
 @dataclass(frozen=True)
@@ -59,50 +60,6 @@ class RoundPlan:
         """Every stage the round trains, `stage_id` first."""
         others = sorted({self.stage_of(c) for c in self.client_ids} - {self.stage_id})
         return [self.stage_id, *others]
-
-
-@dataclass(frozen=True)
-class PeerEndpoint:
-    """A server a client's job talks to while it trains (a strategy's round session).
-
-    `job_fields(host, port)` gives the extra job.json fields for the job, with the server's
-    address as the DEVICE sees it: the executor passes `host`/`port` unchanged for a direct
-    connection, or the device-side port it mapped with `adb reverse` (`via = "reverse"`).
-    """
-
-    host: str
-    port: int
-    job_fields: Callable[[str, int], Mapping[str, Any]]
-    via: str = "direct"  # direct | reverse
-
-
-@dataclass(frozen=True)
-class SessionResult:
-    """What the server side of a round contributes to one client's update."""
-
-    tensors: Mapping[str, np.ndarray]
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-
-
-class RoundSession(ABC):
-    """Server-side work a strategy runs during one round (SmartSplit: the server segments).
-
-    The loop asks `endpoint` for every job it starts, hands every job's status (`ok` =
-    the bundle was accepted) and metrics.json to `finish`, and merges each SessionResult's
-    tensors into that client's result before `aggregate`; an accepted client without a
-    SessionResult is excluded. `close` is always called, also when the round failed.
-    """
-
-    @abstractmethod
-    def endpoint(self, client_id: int, job_id: str, steps: int) -> PeerEndpoint:
-        """Where the job connects; `steps` is how many training steps it will run."""
-
-    @abstractmethod
-    def finish(self, statuses: Mapping[int, str], metrics: Mapping[int, Mapping[str, Any]]) -> dict[int, SessionResult]:
-        """Results of the accepted clients whose server side completed; the rest are discarded."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release sockets and threads."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +137,10 @@ def select_clients(eligible: Sequence[ClientInfo], fraction: float, total_client
     ids = sorted(c.client_id for c in eligible)
     chosen = rng.choice(len(ids), size=count, replace=False)
     return tuple(sorted(ids[i] for i in chosen))
+
+
+__all__ = ["ClientInfo", "ClientJob", "ClientResult", "EvalTarget", "PeerEndpoint", "RoundPlan", "RoundSession",
+           "SessionResult", "Strategy", "StrategyContext", "StrategyEvent", "TrainingDefaults", "select_clients"]
 
 
 class Strategy(ABC):

@@ -1,4 +1,4 @@
-"""Device services behind OPEN: shell (v1 and v2), exec, sync, and polite root/reboot.
+"""Device services behind OPEN: shell (v1 and v2), exec, sync, reverse, and polite root/reboot.
 
 Each service is a callable run on its own thread with its Stream; it returns when the
 stream is done (and has closed it).
@@ -11,6 +11,7 @@ import fcntl
 import os
 import secrets
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -47,6 +48,8 @@ def start_service(daemon: AdbDaemon, stream: Stream, request: p.ServiceRequest) 
         return _reply(stream, b"adbd not running as root\n")
     if name == "reboot":
         return _reboot(daemon, stream)
+    if name == "reverse":
+        return _reverse(daemon, stream, request.command)
     return None
 
 
@@ -64,6 +67,179 @@ def _reboot(daemon: AdbDaemon, stream: Stream) -> Service:
         stream.close()
         daemon.kill_all_processes()
         daemon.drop_connections()
+    return run
+
+
+# ------------------------------------------------------------------ reverse (adb reverse)
+def _protocol_string(text: str) -> bytes:
+    data = text.encode()
+    return f"{len(data):04x}".encode() + data
+
+
+class ReverseListener:
+    """`adb reverse tcp:D tcp:H`: a socket on the phone's 127.0.0.1:D whose connections become
+    streams the phone OPENs towards the host ("tcp:H"), over the connection that asked for it.
+
+    Like AOSP adbd, a listener belongs to its ADB connection and goes away with it."""
+
+    def __init__(self, daemon: AdbDaemon, conn: object, port: int, target: str) -> None:
+        self.daemon = daemon
+        self.conn = conn
+        self.target = target
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind(("127.0.0.1", port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.listen(16)
+        self.sock.settimeout(0.5)
+        self.port = int(self.sock.getsockname()[1])
+        self.closed = False
+        threading.Thread(target=self._accept, name=f"reverse-{self.port}", daemon=True).start()
+
+    @property
+    def spec(self) -> str:
+        return f"tcp:{self.port}"
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.closed and self.daemon.running and getattr(self.conn, "alive", False):
+            try:
+                client, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._bridge, args=(client,), daemon=True).start()
+        with _REVERSE_LOCK:
+            if _REVERSE.get(self.port) is self:
+                del _REVERSE[self.port]
+        self.close()
+
+    def _bridge(self, client: socket.socket) -> None:
+        from .adbd import Stream, StreamClosed
+
+        conn = self.conn
+        stream = Stream(conn, self.daemon.next_stream_id(), 0)  # type: ignore[arg-type]
+        stream._awaiting_okay = True  # the host's OKAY to our OPEN carries its stream id
+        with conn._streams_lock:  # type: ignore[attr-defined]
+            conn._streams[stream.local_id] = stream  # type: ignore[attr-defined]
+
+        def shut() -> None:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+
+        stream.on_host_close = shut
+        try:
+            conn.send(p.A_OPEN, stream.local_id, 0, self.target.encode() + b"\0")  # type: ignore[attr-defined]
+        except StreamClosed:
+            client.close()
+            return
+
+        def host_to_phone() -> None:
+            while True:
+                data = stream.read()
+                if not data:
+                    break
+                try:
+                    client.sendall(data)
+                except OSError:
+                    break
+            shut()
+
+        reader = threading.Thread(target=host_to_phone, daemon=True)
+        reader.start()
+        try:
+            while True:
+                data = client.recv(256 * 1024)
+                if not data:
+                    break
+                stream.write(data)
+        except (OSError, StreamClosed):
+            pass
+        stream.close()
+        reader.join(timeout=5)
+        client.close()
+
+
+_REVERSE: dict[int, ReverseListener] = {}
+_REVERSE_LOCK = threading.Lock()
+
+
+def _tcp_port(spec: str) -> int | None:
+    if not spec.startswith("tcp:"):
+        return None
+    try:
+        port = int(spec[4:])
+    except ValueError:
+        return None
+    return port if 0 <= port <= 65535 else None
+
+
+def _reverse(daemon: AdbDaemon, stream: Stream, command: str) -> Service:
+    """reverse:forward[:norebind]:tcp:D;tcp:H | reverse:killforward:tcp:D | killforward-all | list-forward.
+
+    Replies like AOSP adbd (adb.cpp handle_forward_request on the device side): "OKAY" (+ the
+    port as a length-prefixed string when D was 0), or "FAIL" + a length-prefixed message;
+    list-forward: only the length-prefixed "(reverse) tcp:D tcp:H" lines (adbd sends no OKAY
+    there; the adb server already did)."""
+    def fail(message: str) -> bytes:
+        return b"FAIL" + _protocol_string(message)
+
+    def answer() -> bytes:
+        conn = stream.conn
+        if command == "list-forward":
+            with _REVERSE_LOCK:
+                lines = "".join(f"(reverse) {r.spec} {r.target}\n" for r in _REVERSE.values() if not r.closed)
+            return _protocol_string(lines)
+        if command == "killforward-all":
+            with _REVERSE_LOCK:
+                mine = [port for port, r in _REVERSE.items() if r.conn is conn]
+                for port in mine:
+                    _REVERSE.pop(port).close()
+            return b"OKAY"
+        if command.startswith("killforward:"):
+            port = _tcp_port(command.split(":", 1)[1])
+            with _REVERSE_LOCK:
+                listener = _REVERSE.get(port) if port is not None else None
+                if listener is None:
+                    return fail(f"listener '{command.split(':', 1)[1]}' not found")
+                _REVERSE.pop(port).close()  # type: ignore[arg-type]
+            return b"OKAY"
+        if command.startswith("forward:"):
+            rest = command[len("forward:"):]
+            norebind = rest.startswith("norebind:")
+            if norebind:
+                rest = rest[len("norebind:"):]
+            local, sep, remote = rest.partition(";")
+            port = _tcp_port(local)
+            if not sep or port is None or _tcp_port(remote) is None:
+                return fail(f"only tcp:PORT;tcp:PORT reverse forwards are supported, got {rest!r}")
+            with _REVERSE_LOCK:
+                existing = _REVERSE.get(port) if port else None
+                if existing is not None and not existing.closed:
+                    if norebind:
+                        return fail("cannot rebind existing socket")
+                    existing.target = remote
+                    return b"OKAY"
+                try:
+                    listener = ReverseListener(daemon, conn, port, remote)
+                except OSError as exc:
+                    return fail(f"cannot bind listener: {exc.strerror or exc}")
+                _REVERSE[listener.port] = listener
+            return b"OKAY" + (_protocol_string(str(listener.port)) if port == 0 else b"")
+        return fail(f"unknown reverse command {command!r}")
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            stream.write(answer())
+        stream.close()
     return run
 
 

@@ -102,7 +102,9 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         store.record_device(DeviceRow(serial="R58M", model="SM-A525F"))
     conn = sqlite3.connect(tmp_path / DB_NAME)
     conn.executescript("ALTER TABLE rounds DROP COLUMN aggregate_s; ALTER TABLE rounds DROP COLUMN eval_s; "
-                       "ALTER TABLE devices DROP COLUMN client; PRAGMA user_version = 1;")
+                       "ALTER TABLE devices DROP COLUMN client; ALTER TABLE device_jobs DROP COLUMN cut; "
+                       "ALTER TABLE device_jobs DROP COLUMN bytes_up; ALTER TABLE device_jobs DROP COLUMN bytes_down; "
+                       "PRAGMA user_version = 1;")
     conn.close()
     with RunStore.open(tmp_path) as store:
         assert store.get_round(1) == RoundRow(round=1, stage_id="full", accuracy=0.5)
@@ -110,7 +112,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         store.record_round(RoundRow(round=2, stage_id="full", aggregate_s=0.01, eval_s=0.2))
         assert store.get_round(2).eval_s == 0.2
     conn = sqlite3.connect(tmp_path / DB_NAME)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
 
 
