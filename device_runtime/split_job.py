@@ -106,6 +106,26 @@ def converse(front: SplitFront, split: SplitConfig, job_id: str, engine: str, ba
     return summary
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+PINNED_MMAP_THRESHOLD = 128 * 1024
+
+
+def pin_mmap_threshold(nbytes: int = PINNED_MMAP_THRESHOLD) -> bool:
+    """Make the C allocator hand large blocks back to the system when they are freed.
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), so freed
+    activations stay in its heap and the process RSS never drops: the memory recompute
+    saves would be invisible to the low-memory killer. A fixed threshold (mallopt) turns
+    that off. True when the allocator took it (glibc; bionic ignores the parameter).
+    """
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
 def _initial_units(job: Job, manager: RecomputeManager) -> tuple[str, ...]:
     policy = job.split.recompute  # type: ignore[union-attr]
     if isinstance(policy, tuple):
@@ -146,9 +166,16 @@ def train_split(job: Job, staging: Path, progress: Any) -> None:
                                budget_bytes=None if job.budget_mb is None else int(job.budget_mb * 1024 * 1024),
                                budget_applies_to=job.budget_applies_to, approach_fraction=split.approach_fraction,
                                supported=front.supports_recompute, baseline_bytes=baseline)
+    allocator: dict[str, Any] = {"mmap_threshold_pinned": False}
+
+    def switch_recompute(units: tuple[str, ...]) -> None:
+        if units and not allocator["mmap_threshold_pinned"]:
+            allocator["mmap_threshold_pinned"] = pin_mmap_threshold()
+        front.set_recompute(units)
+
     units = _initial_units(job, manager)
     if units and front.supports_recompute:
-        front.set_recompute(units)
+        switch_recompute(units)
     progress.emit("loaded", data_load_s=data_load_s, model_load_s=model_load_s,
                   baseline_rss_bytes=mem.rss_bytes if mem else None,
                   baseline_anon_bytes=mem.anon_bytes if mem else None, peak_reset=peak_reset,
@@ -170,7 +197,7 @@ def train_split(job: Job, staging: Path, progress: Any) -> None:
         if not math.isfinite(t.loss):
             raise TrainingFailed(f"non-finite loss ({t.loss}) at step {t.i}; training stopped")
         if split.recompute == "auto" and manager.after_step(t.i, step_hwm) and front.supports_recompute:
-            front.set_recompute(manager.units)
+            switch_recompute(manager.units)
 
     batches = ((i, data["x"][idx], data["y"][idx]) for i, idx in enumerate(
         batch_indices(num_samples, b, job.training.seed, job.training.epochs, job.training.max_steps)))
@@ -179,7 +206,9 @@ def train_split(job: Job, staging: Path, progress: Any) -> None:
         converse(front, split, job.job_id, job.engine, b, planned, batches, on_step, before_step, summary)
     finally:
         summary["recompute"] = {**manager.summary(), "policy": split.recompute if isinstance(split.recompute, str)
-                                else list(split.recompute), "final_units": list(front.recompute)}
+                                else list(split.recompute), "final_units": list(front.recompute),
+                                "allocator": {**allocator, "threshold_bytes": PINNED_MMAP_THRESHOLD
+                                              if allocator["mmap_threshold_pinned"] else None}}
         progress.emit("split", **summary)
     hwm_max = max(peaks, default=0)
 

@@ -102,7 +102,9 @@ class SplitRound(RoundSession):
         done = self.server.results(accepted)
         if self.on_finish is not None:
             self.on_finish(statuses, metrics, {s.client_id: s.metrics() for s in self.server.sessions()})
-        return {cid: SessionResult(session_tensors(s), {"server": s.metrics()}) for cid, s in done.items()}
+        edge = f"{self.settings.bind_host}:{self.server.port}"
+        return {cid: SessionResult(session_tensors(s), {"server": {**s.metrics(), "edge_address": edge}})
+                for cid, s in done.items()}
 
     def close(self) -> None:
         self.server.close()

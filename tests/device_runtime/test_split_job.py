@@ -182,3 +182,22 @@ def test_phone_dropping_mid_batch_discards_only_its_partial_round(exported: Spli
         with pytest.raises(framing.FrameError, match="aborted"):
             wire.recv(framing.MSG_WELCOME)
         wire.close()
+
+
+@pytest.mark.slow
+def test_executorch_split_job_trains_the_same_model_within_kernel_rounding(tmp_path: Path) -> None:
+    exported = export_split(("executorch",))
+    shard = synthetic_shard()
+    with EdgeServer(max_parallel=1, io_timeout_s=600) as server:
+        session = _session(server, exported, "2", "split-2-executorch")
+        job = write_split_job(tmp_path, exported, "2", "executorch", shard,
+                              split_section(exported, "2", server.port, session.token), max_steps=STEPS)
+        rc = run_job(job)
+    status = json.loads((tmp_path / "result" / "status.json").read_text())
+    assert rc == 0, status
+    metrics = json.loads((tmp_path / "result" / "metrics.json").read_text())
+    assert metrics["split"]["forward_passes_per_step"] == 2 and not metrics["split"]["recompute"]["supported"]
+    with np.load(tmp_path / "result" / "weights.npz") as npz:
+        trained = {**{k: npz[k] for k in npz.files}, **session_tensors(session)}
+    for name, ref in full_reference(exported, shard, STEPS).items():
+        np.testing.assert_allclose(trained[name], ref, rtol=1e-3, atol=1e-4, err_msg=name)

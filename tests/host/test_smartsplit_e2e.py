@@ -97,3 +97,26 @@ def test_fedblocks_run_smartsplit_on_virtual_phones_then_report(tmp_path: Path,
     with np.load(run_dir / "final_weights.npz") as a, np.load(sim_dir / "final_weights.npz") as b:
         for name in a.files:
             np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_virtual_phones_reach_the_edge_server_through_adb_reverse(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """transport = "reverse": the path real phones take (DeviceClient maps a device port with
+    AdbDevice.reverse, the phone connects to its own 127.0.0.1, the virtual adbd forwards)."""
+    cfg = tmp_path / "reverse.toml"
+    cfg.write_text(CONFIG.replace("TESTBED", "virtual").replace("BASE_PORT", f"base_port = {_free_port_block(2)}")
+                   .replace('cuts = ["1.stem", "2"]', 'cuts = ["1.stem", "2"]\ntransport = "reverse"'))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run_dir), "--json"]) == 0
+    capsys.readouterr()
+    with sqlite3.connect(f"file:{run_dir / 'run.sqlite'}?mode=ro", uri=True) as conn:
+        jobs = conn.execute("SELECT status, metrics_json FROM device_jobs").fetchall()
+    assert [s for s, _ in jobs] == ["ok", "ok"]
+    for _, metrics_json in jobs:
+        metrics = json.loads(metrics_json)
+        host, port = metrics["split"]["server"].rsplit(":", 1)
+        # the phone talked to a port of its own (the reverse listener), not the edge server's
+        edge_port = metrics["server"]["edge_address"].rsplit(":", 1)[1]
+        assert host == "127.0.0.1" and port != edge_port and metrics["server"]["status"] == "complete"
+        assert metrics["server"]["bytes_from_device"] == metrics["split"]["bytes_sent"]
