@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,61 @@ def apply_batch_stats(bn: ExplicitBatchNorm, mean: Tensor, var: Tensor) -> None:
     with torch.no_grad():
         bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
         bn.running_var.mul_(1 - m).add_(var.to(bn.running_var.dtype), alpha=m)
+
+
+class _BatchNormTrainingFn(torch.autograd.Function):
+    """Training-mode batch norm that exports as ONE ONNX BatchNormalization (training_mode=1, momentum=0).
+
+    forward: (y, batch mean, biased batch variance), the explicit math of ExplicitBatchNorm;
+    symbolic: the ONNX node, whose running-statistic outputs with momentum 0 are exactly the
+    batch mean and the biased batch variance (checked against numpy on ORT 1.19).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float,  # type: ignore[override]
+                num_features: int) -> tuple[Tensor, Tensor, Tensor]:
+        dims = [0, *range(2, x.dim())]
+        shape = [1, num_features] + [1] * (x.dim() - 2)
+        mean = x.mean(dim=dims, keepdim=True)
+        centered = x - mean
+        var = (centered * centered).mean(dim=dims, keepdim=True)
+        y = centered * torch.rsqrt(var + eps) * weight.reshape(shape) + bias.reshape(shape)
+        return y, mean.reshape(-1), var.reshape(-1)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, weight: Any, bias: Any, eps: float, num_features: int) -> Any:
+        zeros = g.op("Constant", value_t=torch.zeros(num_features))
+        ones = g.op("Constant", value_t=torch.ones(num_features))
+        return g.op("BatchNormalization", x, weight, bias, zeros, ones, epsilon_f=eps, momentum_f=0.0,
+                    training_mode_i=1, outputs=3)
+
+
+class OrtBatchNorm(ExplicitBatchNorm):
+    """ExplicitBatchNorm whose training-mode forward exports as ONNX BatchNormalization (ORT only).
+
+    Why: ORT trains it with its fused BatchNormInternal / BatchNormalizationGrad kernels
+    instead of ~10 elementwise and reduction nodes forward and ~25 backward; measured on
+    ResNet-18 full at batch 32, one thread: 751 -> 698 ms per ORT step. The batch
+    statistics it records are the node's batch mean and biased variance times n/(n-1),
+    as ExplicitBatchNorm records them. Outside an ONNX export, and in eval mode, it is
+    ExplicitBatchNorm (same names, same math).
+    """
+
+    @classmethod
+    def from_explicit(cls, bn: ExplicitBatchNorm) -> OrtBatchNorm:
+        new = cls(bn.num_features, bn.eps, bn.momentum)
+        new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var  # type: ignore[assignment]
+        new.train(bn.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and torch.onnx.is_in_onnx_export()):
+            return super().forward(x)
+        n = x.numel() // self.num_features
+        y, mean, var = _BatchNormTrainingFn.apply(x, self.weight, self.bias, self.eps, self.num_features)
+        self.batch_stats = (mean.detach(), var.detach() * (n / max(n - 1, 1)))
+        return y
 
 
 class ExplicitLayerNorm(nn.Module):
@@ -249,7 +305,8 @@ def rewrite_for_engine(module: nn.Module, engine: str) -> nn.Module:
 
     Parameter and buffer names are unchanged. All engines: torch BatchNorm ->
     ExplicitBatchNorm (zoo models already use it). "executorch": nn.Conv2d ->
-    UnfoldConv2d as well. "ort": ExplicitSoftmax -> nn.Softmax and MaxPool2x2 ->
+    UnfoldConv2d as well. "ort": BatchNorm -> OrtBatchNorm (one fused ONNX node in training
+    mode), ExplicitSoftmax -> nn.Softmax and MaxPool2x2 ->
     nn.MaxPool2d (ORT 1.19 has no ReduceMax gradient). The input module is never modified; train / eval modes
     of every submodule are preserved.
     """
@@ -263,6 +320,9 @@ def rewrite_for_engine(module: nn.Module, engine: str) -> nn.Module:
     if engine == "executorch":
         convert[nn.Conv2d] = UnfoldConv2d.from_conv
     if engine == "ort":
+        convert[ExplicitBatchNorm] = OrtBatchNorm.from_explicit
+        convert[nn.BatchNorm1d] = lambda bn: OrtBatchNorm.from_explicit(batchnorm_to_explicit(bn))
+        convert[nn.BatchNorm2d] = lambda bn: OrtBatchNorm.from_explicit(batchnorm_to_explicit(bn))
         convert[ExplicitSoftmax] = lambda m: nn.Softmax(dim=m.dim)
         convert[MaxPool2x2] = lambda m: nn.MaxPool2d(2, 2)
     _swap_modules(out, convert)

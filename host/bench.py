@@ -86,12 +86,14 @@ class StageBenchRow:
     step_cpu_ms: float | None  # CPU time per step (all threads), median excluding warm-up: robust to other load
     eager_cpu_ms: float | None
     cpu_ratio: float | None
-    footprint_mib: float | None  # measured peak - baseline RSS
-    predicted_mib: float | None  # manifest: grads + optimizer state + activations
+    footprint_mib: float | None  # measured peak - baseline RSS of the runtime's training process
+    footprint_anon_mib: float | None  # the same for RssAnon (sampled; excludes engine code pages a step faults in)
+    predicted_mib: float | None  # the runtime's memory.predicted_footprint_bytes: the manifest's engine prediction
+    prediction_method: str | None  # manifest memory.engines.<engine>.method, or "engine-agnostic" without one
     error_pct: float | None  # (measured - predicted) / predicted
-    # ORT only: predicted + the largest conv-backward im2col workspace (see conv_im2col_bytes)
-    predicted_ws_mib: float | None
-    error_ws_pct: float | None
+    # footprint / the full model's footprint in the same run (progressive stages must fit where full does not)
+    footprint_vs_full: float | None
+    predicted_vs_full: float | None
     baseline_mib: float | None
     peak_mib: float | None
     peak_source: str | None
@@ -201,12 +203,27 @@ def bench_stages(model: str, stage: str, engine: str, batch_size: int, steps: in
                 program = stage_program(build_blocked_model(spec), sid)
                 program.load_global_state(init_all, strict=False)
                 eager = time_torch_eager(program, stage_dict, data, steps, threads)
-                workspace = conv_im2col_bytes(program, stage_dict, data) if engine == "ort" else None
+            method = (entry.memory.engines[engine].method if engine in entry.memory.engines else "engine-agnostic")
             rows.append(_row(model, sid, engine, batch_size, threads, steps, warmup, status, reason, metrics, eager,
-                             workspace))
+                             method))
             progress.advance(task)
     env["loadavg_end"] = os.getloadavg()
-    return rows, env
+    return relative_to_full(rows), env
+
+
+def relative_to_full(rows: list[StageBenchRow]) -> list[StageBenchRow]:
+    """Fill footprint_vs_full / predicted_vs_full when the full stage is among the rows."""
+    import dataclasses
+
+    full = next((r for r in rows if r.stage == "full"), None)
+    if full is None:
+        return rows
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a is not None and b else None
+
+    return [dataclasses.replace(r, footprint_vs_full=ratio(r.footprint_mib, full.footprint_mib),
+                                predicted_vs_full=ratio(r.predicted_mib, full.predicted_mib)) for r in rows]
 
 
 def synthetic_shard(stage: dict[str, Any], steps: int, seed: int) -> dict[str, np.ndarray]:
@@ -298,39 +315,6 @@ def time_torch_eager(program: Any, stage: dict[str, Any], data: dict[str, np.nda
         torch.set_num_threads(previous)
 
 
-def conv_im2col_bytes(program: Any, stage: dict[str, Any], data: dict[str, np.ndarray]) -> int:
-    """Largest im2col buffer a conv backward needs for one batch: N x C_in x kh x kw x H_out x W_out x 4 bytes.
-
-    ORT's CPU ConvGrad lowers to im2col + GEMM and holds that buffer for the whole batch
-    while it runs; the manifest's estimator counts operator OUTPUTS only, so this
-    workspace is the engine-specific term the bench adds for ORT (convs under no_grad
-    have no backward and are skipped; 1x1 stride-1 convs need no im2col).
-    """
-    import torch
-    from torch import nn
-
-    largest = 0
-
-    def hook(module: nn.Conv2d, inputs: tuple[Any, ...], output: Any) -> None:
-        nonlocal largest
-        if not torch.is_grad_enabled():
-            return
-        kh, kw = module.kernel_size
-        if kh * kw == 1 and tuple(module.stride) == (1, 1):
-            return
-        n, c_in = inputs[0].shape[:2]
-        largest = max(largest, int(n * c_in * kh * kw * output.shape[2] * output.shape[3] * 4))
-
-    handles = [m.register_forward_hook(hook) for m in program.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        batch = stage["inputs"][0]["shape"][0]
-        program(*[torch.from_numpy(data[t["name"]][:batch]) for t in stage["inputs"]])
-    finally:
-        for h in handles:
-            h.remove()
-    return largest
-
-
 def _stats_ms(values: list[float], warmup: int) -> tuple[float | None, float | None, float | None]:
     timed = values[warmup:] or values
     if not timed:
@@ -343,8 +327,7 @@ def _mib(v: Any) -> float | None:
 
 
 def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int, warmup: int, status: str,
-         reason: str, metrics: dict[str, Any], eager: tuple[list[float], list[float]],
-         workspace: int | None) -> StageBenchRow:
+         reason: str, metrics: dict[str, Any], eager: tuple[list[float], list[float]], method: str) -> StageBenchRow:
     step_ms, step_min, step_max = _stats_ms(list(metrics.get("step_latency_s") or []), warmup)
     eager_ms, eager_min, eager_max = _stats_ms(eager[0], warmup)
     step_cpu = _stats_ms([c for c in metrics.get("step_cpu_s") or [] if c is not None], warmup)[0]
@@ -352,7 +335,6 @@ def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int
     mem = metrics.get("memory") or {}
     footprint, predicted = mem.get("footprint_bytes"), mem.get("predicted_footprint_bytes")
     energy = metrics.get("energy") or {}
-    with_ws = predicted + workspace if predicted and workspace is not None else None
     return StageBenchRow(
         model=model, stage=sid, engine=engine, batch_size=batch, threads=threads, steps=steps, status=status,
         reason=reason, step_ms=step_ms, step_ms_min=step_min, step_ms_max=step_max, eager_ms=eager_ms,
@@ -360,10 +342,10 @@ def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int
         ratio=round(step_ms / eager_ms, 3) if step_ms and eager_ms else None,
         step_cpu_ms=step_cpu, eager_cpu_ms=eager_cpu,
         cpu_ratio=round(step_cpu / eager_cpu, 3) if step_cpu and eager_cpu else None,
-        footprint_mib=_mib(footprint), predicted_mib=_mib(predicted),
+        footprint_mib=_mib(footprint), footprint_anon_mib=_mib(mem.get("footprint_anon_bytes")),
+        predicted_mib=_mib(predicted), prediction_method=method,
         error_pct=round(100 * (footprint - predicted) / predicted, 1) if footprint is not None and predicted else None,
-        predicted_ws_mib=_mib(with_ws),
-        error_ws_pct=round(100 * (footprint - with_ws) / with_ws, 1) if footprint is not None and with_ws else None,
+        footprint_vs_full=None, predicted_vs_full=None,
         baseline_mib=_mib(mem.get("baseline_rss_bytes")), peak_mib=_mib(mem.get("peak_rss_bytes")),
         peak_source=mem.get("peak_source"), model_load_s=metrics.get("model_load_s"),
         energy_j=energy.get("joules"), energy_source=energy.get("source"))
@@ -376,8 +358,8 @@ def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
     table = Table(title=f"device runtime vs torch eager ({env['threads']} threads, {env['cpus']} CPUs, "
                         f"load avg {env['loadavg_start'][0]:.2f} -> {env['loadavg_end'][0]:.2f})")
     for col in ("stage", "engine", "status", "step ms", "eager ms", "ratio", "cpu ms", "eager cpu ms", "cpu ratio",
-                "footprint MiB", "predicted MiB", "error %", "pred+ws MiB", "error ws %", "baseline MiB", "peak MiB",
-                "load s"):
+                "footprint MiB", "predicted MiB", "error %", "vs full", "pred vs full", "anon MiB", "baseline MiB",
+                "peak MiB", "load s"):
         table.add_column(col, justify="left" if col in ("stage", "engine", "status") else "right")
 
     def f(v: Any, spec: str = "") -> str:
@@ -387,11 +369,13 @@ def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
         table.add_row(r.stage, r.engine, r.status if r.status == "ok" else f"{r.status}: {r.reason[:60]}",
                       f(r.step_ms, ".1f"), f(r.eager_ms, ".1f"), f(r.ratio, ".2f"), f(r.step_cpu_ms, ".1f"),
                       f(r.eager_cpu_ms, ".1f"), f(r.cpu_ratio, ".2f"), f(r.footprint_mib, ".1f"),
-                      f(r.predicted_mib, ".1f"), f(r.error_pct, "+.1f"), f(r.predicted_ws_mib, ".1f"),
-                      f(r.error_ws_pct, "+.1f"), f(r.baseline_mib, ".1f"),
+                      f(r.predicted_mib, ".1f"), f(r.error_pct, "+.1f"), f(r.footprint_vs_full, ".2f"),
+                      f(r.predicted_vs_full, ".2f"), f(r.footprint_anon_mib, ".1f"), f(r.baseline_mib, ".1f"),
                       f(r.peak_mib, ".1f"), f(r.model_load_s, ".2f"))
-    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    Console(width=None if sys.stdout.isatty() else 260).print(table)
+    methods = sorted({r.prediction_method for r in rows if r.prediction_method})
     print("step ms: median wall time per step excluding warm-up (min..max in --json); cpu ms: median CPU time "
           "per step, all threads (robust to other load on the machine); footprint = peak - baseline RSS of the "
-          "runtime's training process; predicted = manifest grads + optimizer state + activations; pred+ws (ORT) "
-          "adds the largest conv-backward im2col workspace")
+          "runtime's training process (anon: RssAnon only, sampled); predicted = the manifest's prediction for "
+          f"this engine ({', '.join(methods)}; momentum included); vs full = footprint / the full stage's "
+          "footprint in this run")

@@ -193,11 +193,52 @@ def weights_digest(tensors: Mapping[str, np.ndarray]) -> str:
     return hashlib.sha256(_weights_bytes(tensors)).hexdigest()
 
 
-def stage_entry(program: Any, batch_size: int, momentum: bool) -> dict[str, Any]:
-    """The manifest-style stage entry (docs/formats.md) of a stage program, footprint included."""
+def engine_memory(program: Any, engine: str, batch_size: int, seed: int, artifacts_dir: Path) -> dict[str, Any] | None:
+    """The engine's own memory prediction for a stage (manifest ``memory.engines.<engine>``), or None.
+
+    ORT's is planned from its training graph, so the stage's ORT artifacts are built first
+    (build_stage_artifacts: content-addressed in artifacts_dir, the same files the first
+    round then ships).
+    """
+    from fedblocks.export import builders
+
+    module = builders.builder(engine)
+    predict = getattr(module, "predict_memory", None)
+    if predict is None:
+        return None
+    files: dict[str, Path] = {}
+    if getattr(module, "PREDICT_MEMORY_NEEDS_ARTIFACTS", False):
+        from fedblocks.host.clients.artifacts import build_stage_artifacts
+
+        built = build_stage_artifacts(program, engine, batch_size, seed, artifacts_dir)
+        files = {role: f.path for role, f in built.items()}
+    return dict(predict(program, files, batch_size))
+
+
+def planned_footprint_mb(entry: Mapping[str, Any], engine: str, momentum: bool) -> float:
+    """What a stage needs on a device (MiB): the engine's total when the entry has one, else the
+    engine-agnostic total (momentum is already in it when the entry was made with momentum)."""
+    own = (entry["memory"].get("engines") or {}).get(engine)
+    if own is not None:
+        return (own["total_bytes"] + (own["momentum_bytes"] if momentum else 0)) / MIB
+    return entry["memory"]["total_bytes"] / MIB
+
+
+def stage_entry(program: Any, batch_size: int, momentum: bool, engine: str | None = None,
+                artifacts_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """The manifest-style stage entry (docs/formats.md) of a stage program, footprint included.
+
+    With ``engine`` (and ``artifacts_dir``), ``memory.engines.<engine>`` carries that engine's own
+    prediction (engine_memory), which the device runtime reports and the host plans with.
+    """
     from fedblocks.export.memory import predict_footprint
 
     fp = predict_footprint(program, batch_size, momentum=momentum)
+    memory: dict[str, Any] = fp.to_dict(batch_size)
+    if engine is not None and artifacts_dir is not None:
+        own = engine_memory(program, engine, batch_size, seed, artifacts_dir)
+        if own is not None:
+            memory["engines"] = {engine: own}
     return {
         "id": program.stage_id, "kind": program.kind, "block": int(program.block or 0),
         "inputs": [s.to_dict() for s in program.input_specs(batch_size)],
@@ -205,7 +246,7 @@ def stage_entry(program: Any, batch_size: int, momentum: bool) -> dict[str, Any]
         "trainable": [s.to_dict() for s in program.trainable_specs()],
         "state": [s.to_dict() for s in program.state_specs()],
         "frozen": [s.to_dict() for s in program.frozen_specs()],
-        "memory": fp.to_dict(batch_size),
+        "memory": memory,
     }
 
 
@@ -432,10 +473,13 @@ def build_experiment(s: RunSettings, run_dir: Path, progress: Progress) -> Exper
     stage_dicts: dict[str, dict[str, Any]] = {}
     progress.message("predicting stage footprints")
     probe = _StageFactory(model, s.strategy, s.strategy_params)
+    # A phone testbed runs the real engine: plan with that engine's own prediction (simulated clients run none).
+    engine = None if s.testbed == "simulated" else s.engine
     for sid in _candidate_stage_ids(model, s.strategy):
-        stage_dicts[sid] = stage_entry(probe.build(sid), s.batch_size, s.momentum > 0)
+        stage_dicts[sid] = stage_entry(probe.build(sid), s.batch_size, s.momentum > 0, engine, run_dir / "artifacts",
+                                       s.seed)
     stage_specs = {sid: StageSpec.from_dict(d) for sid, d in stage_dicts.items()}
-    footprint_mb = {sid: d["memory"]["total_bytes"] / MIB for sid, d in stage_dicts.items()}
+    footprint_mb = {sid: planned_footprint_mb(d, s.engine, s.momentum > 0) for sid, d in stage_dicts.items()}
     host_model = HostModel(copy.deepcopy(model))
     ctx = StrategyContext(
         num_blocks=model.num_blocks, stages=stage_specs, footprint_mb=footprint_mb, clients=clients,

@@ -10,9 +10,26 @@ then the adapter applies torch.optim.SGD (momentum, weight decay) in numpy from
 resets the gradients. The optimizer_model artifact is therefore not loaded.
 BatchNorm running statistics are not in the training graph (train mode uses
 batch statistics); the adapter keeps them and updates them from the outputs.
+
+Session settings (docs/device_runtime.md has the measurements behind them):
+- ``intra_op_num_threads`` = FEDBLOCKS_THREADS when set (ORT ignores OMP_NUM_THREADS),
+  one inter-op thread (the training graph runs sequentially anyway);
+- CPU memory: ORT's default arena grows in power-of-two extensions and never returns
+  memory, which put ResNet-18's measured footprint 85 % above its need; with the arena
+  off every step mmaps and page-faults its buffers again (~20 % slower). The adapter
+  registers one process-wide arena that extends by exactly the requested size
+  (``arena_extend_strategy`` = kSameAsRequested, ``session.use_env_allocators``): as fast
+  as the default arena, and its footprint is what ORT's allocation plan needs
+  (export/memory_ort.py predicts it at export);
+- SGD is applied in place (NumpySGD.update_inplace) on numpy views of the checkpoint's
+  parameter and gradient buffers (``Parameter.data`` / ``.grad`` share ORT's memory; the
+  adapter checks that at load and falls back to copies if a build of ORT ever copies).
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import numpy as np
 import onnxruntime
@@ -21,6 +38,38 @@ from onnxruntime.training.api import CheckpointState, Module
 from ..spec import OptimizerConfig, StageSpec
 from .base import EngineError, TrainingEngine
 from .sgd import NumpySGD, RunningStats
+
+_ENV_ARENA: list[bool] = []  # registered once per process (ORT refuses a second registration)
+
+
+def _register_exact_arena() -> bool:
+    """A process-wide CPU arena that grows by exactly what is requested; False if ORT refused it."""
+    if not _ENV_ARENA:
+        try:
+            config = onnxruntime.OrtArenaCfg({"arena_extend_strategy": 1})  # 1 = kSameAsRequested
+            info = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                             onnxruntime.OrtMemType.DEFAULT)
+            onnxruntime.create_and_register_allocator(info, config)
+            _ENV_ARENA.append(True)
+        except Exception:  # an older/newer ORT without environment allocators: keep the session's own
+            _ENV_ARENA.append(False)
+    return _ENV_ARENA[0]
+
+
+def session_options(threads: int | None) -> onnxruntime.SessionOptions:
+    """The adapter's SessionOptions (module doc): thread count and the exact-size arena."""
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if _register_exact_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
+def threads_from_env() -> int | None:
+    value = os.environ.get("FEDBLOCKS_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class OrtEngine(TrainingEngine):
@@ -32,7 +81,8 @@ class OrtEngine(TrainingEngine):
         onnxruntime.set_default_logger_severity(3)
         try:
             self._state = CheckpointState.load_checkpoint(artifacts["checkpoint"])
-            self._module = Module(artifacts["training_model"], self._state, artifacts.get("eval_model"))
+            self._module = Module(artifacts["training_model"], self._state, artifacts.get("eval_model"),
+                                  session_options=session_options(threads_from_env()))
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph ...)
             raise EngineError(f"ort could not load the stage artifacts: {str(exc).splitlines()[0]}") from None
         self._module.train()
@@ -53,6 +103,18 @@ class OrtEngine(TrainingEngine):
         self._stats = RunningStats(stage)
         self._trainable = [t.name for t in stage.trainable]
         self._settable = {t.name for t in stage.trainable} | {t.name for t in stage.frozen}
+        largest = max((math.prod(t.shape) for t in stage.trainable), default=0)
+        self._scratch = np.zeros(largest, dtype=np.float32)  # SGD workspace
+        self._scratch.fill(0)  # touch its pages now, so it is part of the baseline, not of the first step
+        self._views = self._parameters_are_views()
+
+    def _parameters_are_views(self) -> bool:
+        """Whether Parameter.data is a view of ORT's buffer (then SGD can write in place)."""
+        if not self._trainable:
+            return False
+        param = self._params[self._trainable[0]]
+        first, second = param.data, param.data
+        return bool(np.shares_memory(first, second)) and first.dtype == np.float32 and first.flags.writeable
 
     def set_weights(self, tensors: dict[str, np.ndarray]) -> None:
         state_names = self._stats.names()
@@ -78,7 +140,10 @@ class OrtEngine(TrainingEngine):
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         for name in self._trainable:
             param = self._params[name]
-            self._params[name] = self._sgd.update(name, param.data, param.grad)
+            if self._views:
+                self._sgd.update_inplace(name, param.data, param.grad, self._scratch)
+            else:
+                self._params[name] = self._sgd.update(name, param.data, param.grad)
         self._module.lazy_reset_grad()
         self._stats.update(outputs)
         return float(np.asarray(outputs[0]))

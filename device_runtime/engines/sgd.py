@@ -7,6 +7,12 @@ engine updates weights the same way:
     g = grad + weight_decay * p
     buf = g (first step) | momentum * buf + g      (dampening 0, no Nesterov)
     p = p - lr * buf
+
+``update_inplace`` computes the same float32 operations in the same order (so results are
+bit-identical to ``update``) but writes into the engine's own parameter buffer and uses
+the gradient buffer and one preallocated scratch array as workspace: a step allocates
+nothing but the momentum buffers (once), instead of three parameter-sized temporaries
+per tensor.
 """
 
 from __future__ import annotations
@@ -33,6 +39,30 @@ class NumpySGD:
             self._momentum[name] = buf
             g = buf
         return (param - np.float32(cfg.lr) * g).astype(np.float32, copy=False)
+
+    def update_inplace(self, name: str, param: np.ndarray, grad: np.ndarray, scratch: np.ndarray) -> None:
+        """``param[...] = update(name, param, grad)`` without temporaries.
+
+        ``param`` and ``grad`` are float32 arrays of one shape; ``grad`` is overwritten
+        (the engine refills it on the next step); ``scratch`` is a float32 array of at
+        least ``param.size`` elements.
+        """
+        cfg = self.config
+        tmp = scratch[: param.size].reshape(param.shape)
+        g = grad
+        if cfg.weight_decay:
+            np.multiply(param, np.float32(cfg.weight_decay), out=tmp)
+            g += tmp
+        if cfg.momentum:
+            buf = self._momentum.get(name)
+            if buf is None:
+                buf = self._momentum[name] = g.copy()
+            else:
+                buf *= np.float32(cfg.momentum)
+                buf += g
+            g = buf
+        np.multiply(g, np.float32(cfg.lr), out=tmp)
+        param -= tmp
 
 
 class RunningStats:

@@ -12,6 +12,7 @@ tensor (trainable, frozen, state) can be set by its global name via
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,3 +39,19 @@ def build(stage: nn.Module, example_inputs: tuple[Tensor, ...], workdir: Path) -
     path = workdir / "program.pt2"
     torch.export.save(program, path)
     return {"program": path}
+
+
+def predict_memory(stage: nn.Module, files: dict[str, Path], batch_size: int) -> dict[str, Any]:
+    """``memory.engines.torch``: the device runtime's torch adapter trains the .pt2 with autograd.
+
+    Footprint = the gradients (``zero_grad(set_to_none=True)`` frees them every step) + the
+    tensors autograd saves + the largest transient, i.e. export/memory.py's engine-agnostic
+    estimate; momentum adds one gradient-sized buffer per trainable tensor.
+    """
+    from fedblocks.export.memory import predict_footprint
+
+    fp = predict_footprint(stage, batch_size, "sgd", momentum=False)  # type: ignore[arg-type]
+    footprint = fp.grads_bytes + fp.activations_bytes
+    return {"method": "autograd-saved-tensors", "footprint_bytes": footprint, "momentum_bytes": fp.grads_bytes,
+            "total_bytes": fp.params_bytes + footprint,
+            "detail": {"grads_bytes": fp.grads_bytes, "saved_and_transient_bytes": fp.activations_bytes}}

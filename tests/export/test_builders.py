@@ -251,3 +251,105 @@ def test_unknown_engine_and_stage(tmp_path: Path) -> None:
 def test_artifact_ref_paths_stay_inside() -> None:
     with pytest.raises(ExportError, match="relative"):
         ArtifactRef.from_dict({"path": "../x", "sha256": "0" * 64, "bytes": 1}, "ref")
+
+
+def _run_onnx(nodes: list, inputs: dict[str, np.ndarray], outputs: list[str], initializers: list | None = None,
+              ) -> list[np.ndarray]:
+    """Run a one-off ONNX graph (ONNX + com.microsoft ops) on ORT's CPU provider."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializer=initializers or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = ort_builder.MAX_IR_VERSION
+    return onnxruntime.InferenceSession(model.SerializeToString()).run(outputs, inputs)
+
+
+def test_relu_grad_rewrite_is_exact() -> None:
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    y = np.maximum(rng.standard_normal((4, 8, 5, 5)).astype(np.float32), 0)  # a ReLU output: zeros included
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    node = helper.make_node("ReluGrad", ["dy", "y"], ["dx"], domain="com.microsoft")
+    (reference,) = _run_onnx([node], {"dy": dy, "y": y}, ["dx"])
+    model = helper.make_model(helper.make_graph([node], "g", [], []))
+    assert ort_builder.replace_relu_grad(model) == 1
+    assert {n.op_type for n in model.graph.node} == {"Greater", "Cast", "Mul"}
+    (rewritten,) = _run_onnx(list(model.graph.node), {"dy": dy, "y": y}, ["dx"], list(model.graph.initializer))
+    assert np.array_equal(reference, rewritten)
+
+
+def test_conv_input_grad_rewrite_matches_convgrad() -> None:
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((2, 5, 7, 7)).astype(np.float32)
+    attrs = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1)
+    same = helper.make_node("ConvGrad", ["dy", "x", "w"], ["dx", "dw"], domain="com.microsoft", **attrs)
+    strided = helper.make_node("ConvGrad", ["dy2", "x", "w"], ["dx2", "dw2"], domain="com.microsoft",
+                               **{**attrs, "strides": [2, 2]})
+    frozen = helper.make_node("ConvGrad", ["dy", "x", "w"], ["dx3"], domain="com.microsoft", **attrs)
+    dy2 = rng.standard_normal((2, 5, 4, 4)).astype(np.float32)
+    feeds = {"dy": dy, "x": x, "w": w, "dy2": dy2}
+    outputs = ["dx", "dw", "dx2", "dw2", "dx3"]
+    reference = _run_onnx([same, strided, frozen], feeds, outputs)
+    model = helper.make_model(helper.make_graph([same, strided, frozen], "g", [], []))
+    assert ort_builder.conv_input_grad_as_conv(model) == 2  # the stride-2 conv keeps ConvGrad's dX
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("ConvGrad") == 2 and ops.count("Conv") == 2  # the frozen conv's ConvGrad is gone
+    rewritten = _run_onnx(list(model.graph.node), feeds, outputs, list(model.graph.initializer))
+    for name, a, b in zip(outputs, reference, rewritten, strict=True):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5), name
+    assert np.array_equal(reference[1], rewritten[1])  # dW still comes from ConvGrad
+
+
+def test_ort_batchnorm_exports_one_fused_node_and_keeps_the_batch_statistics(tmp_path: Path) -> None:
+    from fedblocks.export.rewrites import ExplicitBatchNorm, OrtBatchNorm, rewrite_for_engine
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = ExplicitBatchNorm(3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.bn(x)
+            return (out.mean(), *self.bn.batch_stats)
+
+    torch.manual_seed(0)
+    net = Net().train()
+    ort_net = rewrite_for_engine(net, "ort")
+    assert type(ort_net.bn) is OrtBatchNorm and ort_net.bn.weight is not net.bn.weight  # a copy, same values
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    for a, b in zip(net(x), ort_net(x), strict=True):  # outside an export: ExplicitBatchNorm's math
+        assert torch.equal(a, b)
+    torch.onnx.export(ort_net, (x,), str(tmp_path / "bn.onnx"), dynamo=False, do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=17, input_names=["x"],
+                      output_names=["loss", "mean", "var"])
+    model = onnx.load(str(tmp_path / "bn.onnx"))
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(bns) == 1 and {a.name: onnx.helper.get_attribute_value(a) for a in bns[0].attribute}["training_mode"] == 1
+    import onnxruntime
+
+    loss, mean, var = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})
+    expected = net(x)
+    assert np.allclose(loss, expected[0].detach().numpy(), atol=1e-6)
+    assert np.allclose(mean, expected[1].numpy(), rtol=1e-5) and np.allclose(var, expected[2].numpy(), rtol=1e-5)
+
+
+def test_eval_batchnorm_with_used_statistics_goes_back_to_training_mode() -> None:
+    from onnx import TensorProto, helper
+
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], training_mode=0)
+    graph = helper.make_graph([bn, helper.make_node("Identity", ["rm"], ["mean"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph)
+    assert ort_builder.fix_eval_batchnorm(model) == 1
+    node = model.graph.node[0]
+    assert list(node.output) == ["y", "rm", "rv"]
+    assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "training_mode")) == 1
