@@ -55,3 +55,20 @@ def test_tracker_samples_a_fixed_subset_and_follows_the_formula() -> None:
     t3.load_state_dict(state)
     nxt = {n: v + 0.1 for n, v in weights.items()}
     assert t3.observe(nxt) == t1.observe(nxt)
+
+
+def test_regimes_either_side_of_the_default_threshold() -> None:
+    """Why em_threshold = 0.25 with W = 6 (docs/strategies.md): over many scalars, a block whose global
+    weights only fluctuate around a fixed point (converged, iid round noise) gives EM -> 1/W = 0.167;
+    one still taking unbiased random steps (a random walk: not converged) gives EM -> 1/sqrt(W) = 0.408;
+    steady drift gives 1."""
+    rng = np.random.default_rng(7)
+    w, n = 6, 10_000
+    centre = rng.normal(size=n)
+    converged = [centre + rng.normal(0, 0.1, n) for _ in range(w + 1)]
+    walk = list(np.cumsum(rng.normal(0, 0.1, size=(w + 1, n)), axis=0))
+    em_converged, em_walk = effective_movement(converged, w), effective_movement(walk, w)
+    assert em_converged is not None and em_walk is not None
+    assert abs(em_converged - 1 / w) < 0.01
+    assert abs(em_walk - 1 / np.sqrt(w)) < 0.01
+    assert em_converged < 0.25 < em_walk

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from importlib.machinery import SourceFileLoader
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -209,3 +213,21 @@ def test_bad_params_name_the_field() -> None:
         STRATEGIES["neulite"]({"schedule": "zigzag"}, ctx(BUDGETS))
     with pytest.raises(HostError, match="no client budget fits ProFL stage 'grow-1'"):
         STRATEGIES["profl"]({}, ctx([12.0, 20.0]))
+
+
+def test_accuracy_benchmark_budgets_put_half_the_clients_below_the_full_model() -> None:
+    """benchmarks/accuracy: half U[0.5F, F), half U[F, 1.5F], in a seeded random order (not sorted by client)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy"
+    loader = SourceFileLoader("fedblocks_accuracy_benchmark", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    bench = importlib.util.module_from_spec(spec)
+    loader.exec_module(bench)
+    full = 65.68
+    budgets = bench.assign_budgets(20, full, seed=0)
+    assert budgets == bench.assign_budgets(20, full, seed=0) != bench.assign_budgets(20, full, seed=1)
+    below = [b for b in budgets if b < full]
+    assert len(below) == 10 and all(0.5 * full <= b for b in below)
+    assert all(full <= b <= 1.5 * full for b in budgets if b >= full)
+    assert list(budgets) != sorted(budgets)
+    assert len(bench.assign_budgets(7, full, seed=3)) == 7 and sum(b < full for b in bench.assign_budgets(7, full, 3)) == 3
