@@ -1,4 +1,5 @@
-"""ORT's step memory, predicted from the training graph (export/memory_ort.py).
+"""ORT's step memory, predicted from the training graph (export/memory_ort.py), and the manifest's
+per-engine predictions.
 
 Planner rules on hand-made graphs (expected bytes traced by hand from ORT 1.19's
 allocation_planner.cc / mem_pattern_planner.h), the arena model, and the prediction
@@ -172,4 +173,19 @@ def test_manifest_records_each_engines_prediction(resnet8_export: Path) -> None:
         assert ort.detail["arena_bytes"] == ort.footprint_bytes
         assert ort.momentum_bytes == stage.memory.grads_bytes
         assert torch_.footprint_bytes == stage.memory.grads_bytes + stage.memory.activations_bytes
+        et = stage.memory.engines["executorch"]
+        assert et.method == "executorch-memory-plan" and et.footprint_bytes == stage.memory.grads_bytes
+        assert et.detail["planned_bytes"] > 0 and et.total_bytes > et.detail["planned_bytes"]
         assert stage.memory.engines == Manifest.from_dict(manifest.to_dict()).stage(stage.id).memory.engines
+
+
+def test_executorch_program_runs_its_matmuls_in_xnnpack(resnet8_export: Path) -> None:
+    pytest.importorskip("executorch")
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    manifest = json.loads((resnet8_export / "manifest.json").read_text())
+    stage = next(s for s in manifest["stages"] if s["id"] == "full")
+    loaded = deserialize_pte_binary((resnet8_export / stage["artifacts"]["executorch"]["program"]["path"]).read_bytes())
+    program = getattr(loaded, "program", loaded)
+    forward = next(p for p in program.execution_plan if p.name == "forward")
+    assert {d.id for d in forward.delegates} == {"XnnpackBackend"} and len(forward.delegates) >= 7
