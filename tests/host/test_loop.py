@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.Ca
 
     quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
     bad = tmp_path / "bad.toml"
-    bad.write_text(quickstart.read_text().replace("rounds = 6", "rounds = -3"))
+    bad.write_text(re.sub(r"(?m)^rounds = \d+", "rounds = -3", quickstart.read_text(), count=1))
     assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fedblocks run: error: config: training.rounds: must be an integer >= 1, got -3"]
