@@ -5,8 +5,8 @@ one bmm, so forward and backward run through matrix multiplies instead of the
 portable convolution / convolution_backward kernels, which are ~100-170x slower;
 BatchNorm is already explicit mean/var math) -> ``torch.export.export`` ->
 ``_export_forward_backward`` (joint forward + backward graph; the loss is output 0)
--> ``to_edge_transform_and_lower`` with the XNNPACK partitioner (``lower``: the bmm
-and the other ops XNNPACK supports run in XNNPACK) -> ``to_executorch`` -> ``.buffer``.
+-> ``to_edge_transform_and_lower`` with the XNNPACK partitioner (``lower``: bmm and
+the elementwise / copy ops, none of the configs that bake a weight) -> ``to_executorch``.
 
 Program signature: ``forward(*stage_inputs, *frozen_tensors)``. ExecuTorch bakes
 non-trainable weights into the program as constants, and a device must be able
@@ -80,19 +80,35 @@ class FrozenAsInputs(nn.Module):
         return (outputs[0], *(o.detach() for o in outputs[1:]))
 
 
-def lower(joint_program: torch.export.ExportedProgram) -> Any:
-    """The joint forward/backward program in ExecuTorch's edge dialect, with the ops XNNPACK takes delegated.
+# XNNPACK partitioner configs whose weight operand becomes a constant inside the delegate.
+_STATIC_WEIGHT_CONFIGS = ("LinearConfig", "AddmmConfig", "MMConfig", "ConvolutionConfig", "BatchNormConfig",
+                          "PreluConfig")
+
+
+def lower(joint_program: torch.export.ExportedProgram, trainable: list[str]) -> Any:
+    """The joint forward/backward program in ExecuTorch's edge dialect, its bmm delegated to XNNPACK.
 
     XNNPACK (ExecuTorch's CPU backend, in its Python bindings and Android builds) runs the
-    convolutions' batch-1 bmm (UnfoldConv2d) forward and backward with both operands as
-    runtime tensors, so trained weights are read afresh every step (checked: after an SGD
-    update the delegate's loss follows torch's). The partitioner only takes ops it
-    supports; the rest run on ExecuTorch's portable kernels.
+    convolutions' batch-1 bmm (UnfoldConv2d) forward and backward and the elementwise,
+    copy and reduction ops around them; their operands are runtime tensors computed in the
+    graph, so trained weights are read afresh every step (checked: after an SGD update the
+    delegate's loss follows torch's). Not offered to XNNPACK: the configs that take a
+    weight operand as a constant (linear, addmm, mm, convolution, batch norm, prelu), which
+    would freeze that parameter (seen with all configs: a Linear bias vanished from the
+    program's parameters). If a trainable tensor is not a program parameter after
+    lowering anyway, the program is built without XNNPACK.
     """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import to_edge, to_edge_transform_and_lower
 
-    return to_edge_transform_and_lower(joint_program, partitioner=[XnnpackPartitioner()])
+    configs = [c for c in ALL_PARTITIONER_CONFIGS if c.__name__ not in _STATIC_WEIGHT_CONFIGS]
+    lowered = to_edge_transform_and_lower(copy.deepcopy(joint_program),
+                                          partitioner=[XnnpackPartitioner(configs=configs)])
+    signature = lowered.exported_program().graph_signature
+    if set(trainable) <= set(signature.parameters):
+        return lowered
+    return to_edge(joint_program)
 
 
 def program_inputs(stage: nn.Module, example_inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -115,7 +131,7 @@ def build(stage: nn.Module, example_inputs: tuple[Tensor, ...], workdir: Path) -
             warnings.simplefilter("ignore")
             program = torch.export.export(wrapper, inputs, strict=False)
             program = _export_forward_backward(program)
-            buffer = lower(program).to_executorch().buffer
+            buffer = lower(program, [s.name for s in stage.trainable_specs()]).to_executorch().buffer
     except Exception as exc:
         op = failing_operator(exc)
         what = f"operator {op} is not supported" if op else first_line(exc)
