@@ -164,3 +164,17 @@ def test_pyz_trains_a_real_stage_on_a_device_python(pyz_and_python: tuple[Path, 
     bundle = job.parent / "result"
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["engine"] == "torch" and (bundle / "weights.npz").is_file()
+
+
+def test_ort_engine_loads_without_torch() -> None:
+    """A phone has no torch: the ORT adapter's import must not pull it in (onnxruntime-training's
+    package __init__ and its ORTModule check would), and a later full import still works."""
+    pytest.importorskip("onnxruntime.training")
+    code = ("import sys\n"
+            "from fedblocks.device_runtime.engines import ort\n"
+            "assert ort.Module.__name__ == 'Module' and ort.onnxruntime.SessionOptions\n"
+            "assert 'torch' not in sys.modules, 'the ORT adapter imported torch'\n"
+            "from onnxruntime.training import artifacts\n"  # the host's export path, in the same process
+            "assert hasattr(artifacts, 'generate_artifacts')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
