@@ -52,7 +52,8 @@ def test_virtual_phones_train_two_stages_and_match_the_simulated_testbed(tmp_pat
 
 
 class KilledMidJob(ClientExecutor):
-    """Client 1's phone job gets a 2 s deadline in round 2: the host kills it mid-training."""
+    """Client 1's phone job in round 2 gets 1,000 epochs and a 2 s deadline: the host kills it
+    mid-training (its one step alone would finish within 2 s now that an ORT job starts in 0.1 s)."""
 
     def __init__(self, inner: ClientExecutor) -> None:
         super().__init__(inner.client_id, inner.budget_mb, inner.label)
@@ -60,7 +61,7 @@ class KilledMidJob(ClientExecutor):
 
     def run(self, request: JobRequest, cancel: threading.Event) -> JobOutcome:
         if request.client_id == 1 and request.round == 2:
-            request = dataclasses.replace(request, deadline_s=2.0)
+            request = dataclasses.replace(request, deadline_s=2.0, epochs=1000, max_steps=None)
         return self.inner.run(request, cancel)
 
     def close(self) -> None:
