@@ -25,6 +25,7 @@ import numpy as np
 
 from . import framing, procfs
 from .data import batch_indices, load_shard, steps_planned
+from .engines.base import PINNED_MMAP_THRESHOLD, pin_mmap_threshold
 from .engines.split import SplitFront, load_split_front
 from .job import Job
 from .spec import TensorSpec
@@ -105,26 +106,6 @@ def converse(front: SplitFront, split: SplitConfig, job_id: str, engine: str, ba
             wire.close()
         summary["phase_s"] = {k: round(v, 6) for k, v in phase.items()}
     return summary
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-PINNED_MMAP_THRESHOLD = 128 * 1024
-
-
-def pin_mmap_threshold(nbytes: int = PINNED_MMAP_THRESHOLD) -> bool:
-    """Make the C allocator hand large blocks back to the system when they are freed.
-
-    glibc raises its mmap threshold after the first large free (up to 32 MiB), so freed
-    activations stay in its heap and the process RSS never drops: the memory recompute
-    saves would be invisible to the low-memory killer. A fixed threshold (mallopt) turns
-    that off. True when the allocator took it (glibc; bionic ignores the parameter).
-    """
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False
 
 
 def _initial_units(job: Job, manager: RecomputeManager) -> tuple[str, ...]:

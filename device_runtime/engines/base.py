@@ -14,11 +14,38 @@ FEDBLOCKS_THREADS when it is set, so engines are compared at the same thread cou
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import numpy as np
 
 from ..spec import OptimizerConfig, StageSpec
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+PINNED_MMAP_THRESHOLD = 128 * 1024
+
+
+def threads_from_env() -> int | None:
+    """FEDBLOCKS_THREADS as a positive int, or None when unset / not a positive number."""
+    value = os.environ.get("FEDBLOCKS_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def pin_mmap_threshold(nbytes: int = PINNED_MMAP_THRESHOLD) -> bool:
+    """Make the C allocator hand large blocks back to the system when they are freed.
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), so later
+    large frees stay in its heap and the process RSS ratchets up instead of dropping:
+    per-step gradient outputs (ExecuTorch) or freed activations (recompute in a split job)
+    would then count as footprint. A fixed threshold (mallopt) turns that off. True when
+    the allocator took it (glibc; bionic ignores the parameter).
+    """
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
 
 
 class EngineError(RuntimeError):

@@ -14,8 +14,6 @@ in numpy (sgd.py) in place on the live tensors.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import zipfile
 
 # executorch's import warns about torchao's optional CUDA kernels and a torch pytree deprecation.
@@ -27,41 +25,22 @@ import torch  # noqa: E402
 from executorch.extension.training import _load_for_executorch_for_training  # noqa: E402
 
 from ..spec import OptimizerConfig, StageSpec  # noqa: E402
-from .base import EngineError, TrainingEngine  # noqa: E402
-from .sgd import NumpySGD, RunningStats  # noqa: E402
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def _pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
-    """Hand large freed blocks straight back to the system (glibc mallopt; bionic ignores it).
-
-    Each step the training module hands out the gradients as fresh tensors (as large as
-    all trainable tensors together) and frees them again; glibc raises its mmap threshold
-    after the first such free, keeps the next ones in its heap and the RSS ratchets up by
-    one gradient set every step or two (ResNet-18 grow-4: +32, +9, +18 MiB over steps
-    2-4). A fixed threshold keeps the footprint at its real peak (+3 % step time).
-    """
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False
+from .base import EngineError, TrainingEngine, pin_mmap_threshold, threads_from_env  # noqa: E402
+from .sgd import NumpySGD, RunningStats, sgd_workspace  # noqa: E402
 
 
 def _apply_thread_count() -> None:
     """FEDBLOCKS_THREADS -> ExecuTorch's threadpool (XNNPACK's delegated ops run on it; it
     ignores OMP_NUM_THREADS and starts with one thread per core)."""
-    value = os.environ.get("FEDBLOCKS_THREADS", "")
-    if not (value.isdigit() and int(value) > 0):
+    threads = threads_from_env()
+    if threads is None:
         return
     try:
         from executorch.extension.pybindings import portable_lib
     except ImportError:
         return
-    if portable_lib._threadpool_get_thread_count() != int(value):
-        portable_lib._unsafe_reset_threadpool(int(value))
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
 
 
 class ExecuTorchEngine(TrainingEngine):
@@ -71,7 +50,7 @@ class ExecuTorchEngine(TrainingEngine):
     def __init__(self, stage: StageSpec, artifacts: dict[str, str], optimizer: OptimizerConfig) -> None:
         super().__init__(stage, artifacts, optimizer)
         _apply_thread_count()
-        _pin_mmap_threshold()
+        pin_mmap_threshold()  # the per-step gradient outputs would ratchet glibc's heap up
         try:
             self._module = _load_for_executorch_for_training(artifacts["program"])
         except Exception as exc:
@@ -81,9 +60,7 @@ class ExecuTorchEngine(TrainingEngine):
         self._load_frozen_defaults(artifacts["frozen"])
         self._sgd = NumpySGD(optimizer)
         self._stats = RunningStats(stage)
-        largest = max((math.prod(t.shape) for t in stage.trainable), default=0)
-        self._scratch = np.zeros(largest, dtype=np.float32)  # SGD workspace
-        self._scratch.fill(0)  # touched now: part of the baseline, not of the first step
+        self._scratch = sgd_workspace(stage)
 
     def _load_frozen_defaults(self, path: str) -> None:
         """The export-time frozen values (the builder's frozen.npz); set_weights may replace them."""

@@ -29,7 +29,6 @@ Session settings (docs/device_runtime.md has the measurements behind them):
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 from types import ModuleType
@@ -37,8 +36,8 @@ from types import ModuleType
 import numpy as np
 
 from ..spec import OptimizerConfig, StageSpec
-from .base import EngineError, TrainingEngine
-from .sgd import NumpySGD, RunningStats
+from .base import EngineError, TrainingEngine, threads_from_env
+from .sgd import NumpySGD, RunningStats, sgd_workspace
 
 
 def _import_onnxruntime_training_api() -> ModuleType:
@@ -107,11 +106,6 @@ def session_options(threads: int | None) -> onnxruntime.SessionOptions:
     return options
 
 
-def threads_from_env() -> int | None:
-    value = os.environ.get("FEDBLOCKS_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
 class OrtEngine(TrainingEngine):
     name = "ort"
     artifact_roles = ("training_model", "checkpoint")
@@ -143,9 +137,7 @@ class OrtEngine(TrainingEngine):
         self._stats = RunningStats(stage)
         self._trainable = [t.name for t in stage.trainable]
         self._settable = {t.name for t in stage.trainable} | {t.name for t in stage.frozen}
-        largest = max((math.prod(t.shape) for t in stage.trainable), default=0)
-        self._scratch = np.zeros(largest, dtype=np.float32)  # SGD workspace
-        self._scratch.fill(0)  # touch its pages now, so it is part of the baseline, not of the first step
+        self._scratch = sgd_workspace(stage)
         self._views = self._parameters_are_views()
 
     def _parameters_are_views(self) -> bool:

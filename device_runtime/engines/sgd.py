@@ -17,9 +17,20 @@ per tensor.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..spec import OptimizerConfig, StageSpec
+
+
+def sgd_workspace(stage: StageSpec) -> np.ndarray:
+    """The ``scratch`` array ``NumpySGD.update_inplace`` needs for every trainable tensor of
+    ``stage``, with its pages touched now: part of the baseline, not of the first step."""
+    largest = max((math.prod(t.shape) for t in stage.trainable), default=0)
+    scratch = np.zeros(largest, dtype=np.float32)
+    scratch.fill(0)  # np.zeros maps untouched pages; writing them makes them resident
+    return scratch
 
 
 class NumpySGD:
