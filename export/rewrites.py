@@ -33,6 +33,18 @@ from fedblocks.export.errors import ExportError
 ENGINES = ("torch", "ort", "executorch")
 
 
+def batch_norm_training(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm over every dim but 1 with mean / mul / rsqrt: (y, batch mean,
+    biased batch variance), the statistics flat (C,)."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    mean = x.mean(dim=dims, keepdim=True)
+    centered = x - mean
+    var = (centered * centered).mean(dim=dims, keepdim=True)
+    y = centered * torch.rsqrt(var + eps) * weight.reshape(shape) + bias.reshape(shape)
+    return y, mean.reshape(-1), var.reshape(-1)
+
+
 class ExplicitBatchNorm(nn.Module):
     """BatchNorm over every dim but 1 (works for (N, C), (N, C, L), (N, C, H, W)).
 
@@ -57,21 +69,19 @@ class ExplicitBatchNorm(nn.Module):
         return [1, self.num_features] + [1] * (x.dim() - 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = self._shape(x)
         if self.training:
-            dims = [0, *range(2, x.dim())]
-            n = x.numel() // self.num_features
-            mean = x.mean(dim=dims, keepdim=True)
-            centered = x - mean
-            var = (centered * centered).mean(dim=dims, keepdim=True)
-            normalized = centered * torch.rsqrt(var + self.eps)
-            # n - 1 == 0 gives inf/nan, as torch does; the model builders refuse such shapes.
-            self.batch_stats = (mean.detach().reshape(-1), (var.detach() * (n / max(n - 1, 1))).reshape(-1))
-        else:
-            normalized = (x - self.running_mean.reshape(shape)) * torch.rsqrt(
-                self.running_var.reshape(shape) + self.eps
-            )
+            y, mean, var = batch_norm_training(x, self.weight, self.bias, self.eps)
+            self._record_batch_stats(x, mean, var)
+            return y
+        shape = self._shape(x)
+        normalized = (x - self.running_mean.reshape(shape)) * torch.rsqrt(self.running_var.reshape(shape) + self.eps)
         return normalized * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+    def _record_batch_stats(self, x: Tensor, mean: Tensor, biased_var: Tensor) -> None:
+        """`batch_stats` = (batch mean, unbiased batch variance), detached, for the stage to return."""
+        n = x.numel() // self.num_features
+        # n - 1 == 0 gives inf/nan, as torch does; the model builders refuse such shapes.
+        self.batch_stats = (mean.detach(), biased_var.detach() * (n / max(n - 1, 1)))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -93,7 +103,7 @@ def apply_batch_stats(bn: ExplicitBatchNorm, mean: Tensor, var: Tensor) -> None:
 class _BatchNormTrainingFn(torch.autograd.Function):
     """Training-mode batch norm that exports as ONE ONNX BatchNormalization (training_mode=1, momentum=0).
 
-    forward: (y, batch mean, biased batch variance), the explicit math of ExplicitBatchNorm;
+    forward: batch_norm_training, the explicit math of ExplicitBatchNorm;
     symbolic: the ONNX node, whose running-statistic outputs with momentum 0 are exactly the
     batch mean and the biased batch variance (checked against numpy on ORT 1.19).
     """
@@ -101,13 +111,7 @@ class _BatchNormTrainingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float,  # type: ignore[override]
                 num_features: int) -> tuple[Tensor, Tensor, Tensor]:
-        dims = [0, *range(2, x.dim())]
-        shape = [1, num_features] + [1] * (x.dim() - 2)
-        mean = x.mean(dim=dims, keepdim=True)
-        centered = x - mean
-        var = (centered * centered).mean(dim=dims, keepdim=True)
-        y = centered * torch.rsqrt(var + eps) * weight.reshape(shape) + bias.reshape(shape)
-        return y, mean.reshape(-1), var.reshape(-1)
+        return batch_norm_training(x, weight, bias, eps)
 
     @staticmethod
     def symbolic(g: Any, x: Any, weight: Any, bias: Any, eps: float, num_features: int) -> Any:
@@ -139,9 +143,8 @@ class OrtBatchNorm(ExplicitBatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and torch.onnx.is_in_onnx_export()):
             return super().forward(x)
-        n = x.numel() // self.num_features
         y, mean, var = _BatchNormTrainingFn.apply(x, self.weight, self.bias, self.eps, self.num_features)
-        self.batch_stats = (mean.detach(), var.detach() * (n / max(n - 1, 1)))
+        self._record_batch_stats(x, mean, var)
         return y
 
 
