@@ -82,8 +82,10 @@ class Stream:
             if not self._inbox:
                 return b""
             data = self._inbox.popleft()
-        # Ack before the service can reply: adb-shell drops a WRTE that arrives while it waits for OKAY.
-        self.conn.send(p.A_OKAY, self.local_id, self.remote_id)
+            closed = self.closed
+        if not closed:  # a stream the host closed takes no more OKAYs; its payload is still delivered
+            # Ack before the service can reply: adb-shell drops a WRTE that arrives while it waits for OKAY.
+            self.conn.send(p.A_OKAY, self.local_id, self.remote_id)
         return data
 
     def write(self, data: bytes) -> None:

@@ -135,7 +135,10 @@ class ReverseListener:
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
 
-        stream.on_host_close = shut
+        # No on_host_close hook: the host's CLSE often follows its last WRTE at once (the edge
+        # server's ACK, then close), and shutting the app's socket from the reader thread lost
+        # that payload whenever host_to_phone had not written it yet. Like adbd's local_socket,
+        # host_to_phone drains what the host sent, then shuts the socket.
         try:
             conn.send(p.A_OPEN, stream.local_id, 0, self.target.encode() + b"\0")  # type: ignore[attr-defined]
         except StreamClosed:

@@ -104,11 +104,6 @@ def test_fedblocks_run_smartsplit_on_virtual_phones_then_report(tmp_path: Path,
 
 
 @pytest.mark.slow
-# Seen 2026-12-01: 4 of 6 runs, one of the two phones fails with "split conversation with 127.0.0.1:PORT
-# failed: the peer closed the connection" (the same before and after that day's refactors). An open bug
-# in the reverse path (issue 7), not yet found: non-strict until it is fixed.
-@pytest.mark.xfail(strict=False, reason="intermittent: a phone's split conversation through adb reverse "
-                   "is closed by the peer (open bug, issue 7)")
 def test_virtual_phones_reach_the_edge_server_through_adb_reverse(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """transport = "reverse": the path real phones take (DeviceClient maps a device port with

@@ -104,6 +104,44 @@ def test_adb_shell_reverse_carries_streams_both_ways(phone: VirtualPhone, key: A
         device.close()
 
 
+def test_a_reply_the_host_sends_just_before_closing_reaches_the_app(phone: VirtualPhone, key: AdbKey) -> None:
+    """The host side answers, then closes at once (the edge server's last ACK): WRTE and CLSE
+    arrive back to back. The phone's app must read the whole reply before its EOF. The virtual
+    adbd once shut the app's socket on CLSE before the reply was written (a lost ACK, issue 7)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    reply = b"ACK" * 13
+
+    def serve(n: int) -> None:
+        for _ in range(n):
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(16)
+                conn.sendall(reply)  # and close straight away
+
+    rounds = 40
+    server = threading.Thread(target=serve, args=(rounds,), daemon=True)
+    server.start()
+    device = AdbDevice.connect(phone.serial, keys=[key])
+    try:
+        port = device.reverse(0, srv.getsockname()[1])
+        short = []
+        for i in range(rounds):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"DONE")
+                got = bytearray()
+                while chunk := s.recv(4096):
+                    got += chunk
+            if bytes(got) != reply:
+                short.append((i, len(got)))
+        assert not short, f"(connection, bytes received of {len(reply)}): {short}"
+    finally:
+        device.close()
+        server.join(timeout=10)
+        srv.close()
+
+
 def test_reverse_listeners_go_with_their_connection(phone: VirtualPhone, key: AdbKey, echo_server: int) -> None:
     device = AdbDevice.connect(phone.serial, keys=[key])
     port = device.reverse(0, echo_server)
