@@ -83,11 +83,13 @@ def converse(front: SplitFront, split: SplitConfig, job_id: str, engine: str, ba
             t_fwd = time.monotonic()
             wire.send_array(framing.MSG_ACTIVATION, i, z)
             wire.send_array(framing.MSG_LABELS, i, np.asarray(y, dtype=np.int64))
+            del z  # on the wire: the front frees it before g arrives (activation_sent)
+            front.activation_sent()
             g = wire.recv(framing.MSG_GRADIENT, step=i, shape=split.activation_shape).array
             loss_frame = wire.recv(framing.MSG_LOSS, step=i)
             t_recv = time.monotonic()
             front.backward_step(g)  # type: ignore[arg-type]
-            del z, g
+            del g
             t_end, c_end = time.monotonic(), time.process_time()
             phase["forward_s"] += t_fwd - t_start
             phase["wait_s"] += t_recv - t_fwd
@@ -95,6 +97,7 @@ def converse(front: SplitFront, split: SplitConfig, job_id: str, engine: str, ba
             summary["steps"] = i + 1
             on_step(StepRecord(i, float(loss_frame.array), t_end - t_start, c_end - c_start,  # type: ignore[arg-type]
                                t_start, t_fwd - t_start, t_recv - t_fwd, t_end - t_recv))
+        summary["activations_freed"] = front.activations_freed
         wire.send_json(framing.MSG_DONE, summary["steps"], {"steps": summary["steps"]})
         wire.recv(framing.MSG_ACK)
     except (framing.FrameError, framing.PeerClosed) as exc:

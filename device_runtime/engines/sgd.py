@@ -18,6 +18,7 @@ per tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -90,7 +91,11 @@ class RunningStats:
     def missing(self) -> list[str]:
         return [s.name for s in self.stage.state if s.name not in self.values]
 
-    def update(self, outputs: list[np.ndarray]) -> None:
+    def output_indices(self) -> set[int]:
+        """The stage outputs update() reads (its batch statistics)."""
+        return {self._index[s.source] for s in self.stage.state}
+
+    def update(self, outputs: Sequence[np.ndarray | None]) -> None:
         for s in self.stage.state:
             batch = np.asarray(outputs[self._index[s.source]], dtype=np.float32)
             m = np.float32(s.momentum)

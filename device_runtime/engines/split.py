@@ -10,6 +10,11 @@ each engine can do with it:
   real: a unit switched on runs under torch.utils.checkpoint (non-reentrant), so it
   keeps only its input and re-runs its forward in backward. The placeholder g of the
   forward is a zero-stride view (4 bytes), never materialised.
+  Memory: `z.backward(g)` never uses the loss sum(z * g), so it is cut out of the
+  unflattened graph (`_without_cut_loss`): no z-sized product in the forward, and no mul
+  node keeping z saved. Once z is sent (`activation_sent`), its storage is freed unless a
+  tensor saved for backward shares it (a ReLU at the cut saves its output, z itself; a
+  conv saves only its input): then z and g are never held at the same time.
 - ort (`OrtSplitFront`): TWO passes. ORT's on-device Module fuses forward and backward
   in one call of the exported training graph, so z comes from the eval model (same
   graph, explicit batch-statistics BatchNorm: the same z), and when g arrives the
@@ -39,6 +44,7 @@ class SplitFront(ABC):
     def __init__(self, stage: StageSpec) -> None:
         self.stage = stage
         self.recompute: tuple[str, ...] = ()
+        self.activations_freed = 0  # steps whose z storage was freed once sent, before g arrived
 
     @abstractmethod
     def set_weights(self, tensors: dict[str, np.ndarray]) -> None: ...
@@ -53,6 +59,10 @@ class SplitFront(ABC):
     @abstractmethod
     def backward_step(self, g: np.ndarray) -> None:
         """Backward from dL/dz = g, SGD step, running-statistic update (after forward)."""
+
+    def activation_sent(self) -> None:  # noqa: B027 - optional hook
+        """z (the array forward returned) is on the wire and no longer used by the caller: the
+        front may free it before g arrives. The caller must not touch that array again."""
 
     def set_recompute(self, units: tuple[str, ...]) -> None:
         if units:
@@ -84,6 +94,9 @@ class TorchSplitFront(SplitFront):
                 self._module = torch.export.unflatten(program)
             except Exception as exc:  # corrupt / foreign file: torch raises many types
                 raise EngineError(f"torch could not load the split program: {str(exc).splitlines()[0]}") from None
+        # an eager module (simulated testbed) keeps its loss: its memory is modelled there
+        self._loss_removed = module is None and _without_cut_loss(self._module)
+        self._z_releasable = False
         self._tensors = {**dict(self._module.named_parameters()), **dict(self._module.named_buffers())}
         self._trainable = [t.name for t in stage.trainable]
         absent = [n for n in self._trainable if n not in self._tensors]
@@ -139,16 +152,69 @@ class TorchSplitFront(SplitFront):
         missing = self._stats.missing()
         if missing:
             raise EngineError(f"torch: set_weights must give state tensor '{missing[0]}' before training")
-        self._outputs = self._module(self._torch.from_numpy(np.ascontiguousarray(x)), self._g_placeholder)
-        return self._outputs[-1].detach().numpy()
+        saved: set[int] = set()
+
+        def pack(t: object) -> object:  # records which storages backward will read
+            saved.add(t.untyped_storage().data_ptr())  # type: ignore[attr-defined]
+            return t
+
+        with self._torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._outputs = self._module(self._torch.from_numpy(np.ascontiguousarray(x)), self._g_placeholder)
+        z = self._outputs[-1]
+        self._z_releasable = self._loss_removed and z.untyped_storage().data_ptr() not in saved
+        if self._z_releasable and z.dtype == self._torch.float32 and z.is_contiguous():
+            # not z.numpy(): that pins the storage (torch refuses to resize it while numpy may look)
+            return np.asarray(_TensorMemory(z))
+        self._z_releasable = False
+        return z.detach().numpy()
+
+    def activation_sent(self) -> None:
+        if self._z_releasable and self._outputs:
+            # backward from g reads only the saved tensors; autograd checks z's shape, which stays
+            self._outputs[-1].untyped_storage().resize_(0)
+            self._z_releasable = False
+            self.activations_freed += 1
 
     def backward_step(self, g: np.ndarray) -> None:
         z = self._outputs[-1]
         self._optimizer.zero_grad(set_to_none=True)
         z.backward(self._torch.from_numpy(np.ascontiguousarray(g)))
         self._optimizer.step()
-        self._stats.update([o.detach().numpy() for o in self._outputs])
+        stats = self._stats.output_indices()
+        self._stats.update([o.detach().numpy() if i in stats else None for i, o in enumerate(self._outputs)])
         self._outputs = ()  # frees the graph
+
+
+class _TensorMemory:
+    """A float32 numpy view of a contiguous tensor's memory through the array interface,
+    without pinning its storage. The view holds the tensor but not its storage's lifetime:
+    it is valid until TorchSplitFront.activation_sent frees that storage."""
+
+    def __init__(self, tensor: object) -> None:
+        self._tensor = tensor
+        self.__array_interface__ = {"shape": tuple(tensor.shape), "typestr": "<f4",  # type: ignore[attr-defined]
+                                    "data": (tensor.data_ptr(), True), "version": 3}  # type: ignore[attr-defined]
+
+
+def _without_cut_loss(module: object) -> bool:
+    """Cut the loss sum(z * g) out of an unflattened split program's root graph (module doc).
+
+    The outputs keep their structure: the loss slot returns z as well. False (nothing
+    changed) when the module is not an FX graph ending in (loss, ..., z)."""
+    import torch.fx
+
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, torch.fx.Graph) or not callable(getattr(module, "finalize", None)):
+        return False
+    output = next((n for n in graph.nodes if n.op == "output"), None)
+    outs = output.args[0] if output is not None and output.args else None
+    if not isinstance(outs, tuple | list) or len(outs) < 2:
+        return False
+    output.args = ((outs[-1], *outs[1:]),)  # type: ignore[union-attr]
+    graph.eliminate_dead_code()
+    graph.lint()
+    module.finalize()  # type: ignore[attr-defined]  # regenerates the code from the edited graph
+    return True
 
 
 class _TwoPassFront(SplitFront):

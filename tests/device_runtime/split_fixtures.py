@@ -13,7 +13,7 @@ from fedblocks.device_runtime.data import batch_indices
 from fedblocks.device_runtime.job import sha256_file
 
 MODEL, INPUT, BATCH, CLASSES = "resnet8", (3, 16, 16), 8, 10
-CUTS = ("1.stem", "2")
+CUTS = ("1.stem.conv", "1.stem", "2")
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 SEED = 7
 

@@ -64,8 +64,11 @@ def _run(tmp_path: Path, exported: SplitExport, cut: str, engine: str, **split_e
     return status, metrics, weights, session
 
 
-@pytest.mark.parametrize("cut", ["1.stem", "2"])
-def test_torch_split_job_matches_unsplit_training(tmp_path: Path, exported: SplitExport, cut: str) -> None:
+# 1.stem.conv: z is a conv output no saved tensor shares, so the torch front frees it once sent;
+# 1.stem and 2 end in a ReLU, which saves its output (z) for backward: z is kept.
+@pytest.mark.parametrize(("cut", "z_freed"), [("1.stem.conv", True), ("1.stem", False), ("2", False)])
+def test_torch_split_job_matches_unsplit_training(tmp_path: Path, exported: SplitExport, cut: str,
+                                                  z_freed: bool) -> None:
     status, metrics, front, session = _run(tmp_path, exported, cut, "torch")
     assert status["status"] == "ok", status
     assert session.status == "complete" and session.steps_done == STEPS
@@ -81,6 +84,7 @@ def test_torch_split_job_matches_unsplit_training(tmp_path: Path, exported: Spli
     assert split["bytes_sent"] >= STEPS * up  # every batch: the activation and the labels, framed
     assert split["bytes_received"] >= STEPS * d["transfer_bytes_per_batch"]["down"]
     assert metrics["loss"] == pytest.approx(session.losses, rel=1e-6)  # the step loss is the server's
+    assert split["activations_freed"] == (STEPS if z_freed else 0)
 
 
 def test_ort_split_job_trains_the_same_model_within_kernel_rounding(tmp_path: Path, exported: SplitExport) -> None:
