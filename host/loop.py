@@ -864,7 +864,7 @@ def _record_exclusions(recorder: Recorder, exp: Experiment, rnd: int, plan: Roun
         return
     seen[plan.stage_id] = excluded
     if excluded or previous is not None:   # nobody excluded from the start: nothing to say
-        footprint = exp.footprint_mb[plan.stage_id]
+        footprint = exp.strategy.eligibility_footprint_mb(plan.stage_id)
         recorder.event(rnd, "clients_excluded",
                        f"{plan.stage_id}: {len(excluded)} client(s) excluded, budget below {footprint:.1f} MB",
                        {"stage": plan.stage_id, "clients": list(excluded), "footprint_mb": footprint,

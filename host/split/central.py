@@ -103,6 +103,14 @@ class CentralManager:
                 best = CutChoice(c.cut, rc, planned, score)
         return best
 
+    def smallest_footprint_mb(self) -> float:
+        """The least budget any cut fits (calibrated; with recompute when it is allowed)."""
+        def least(c: CutCost) -> float:
+            need = min(c.footprint_mb, c.footprint_recompute_mb) if self.allow_recompute else c.footprint_mb
+            return need * self.calibration.get(c.cut, 1.0)
+
+        return min(least(c) for c in self.cuts)
+
     # ---- feedback (the edge manager calls these between rounds)
     def observe_footprint(self, cut: str, measured_mb: float, predicted_mb: float) -> float | None:
         """Raise the cut's calibration to measured / predicted; returns the new factor if it changed."""

@@ -214,8 +214,13 @@ class Strategy(ABC):
 
     # --- helpers for subclasses ---
     def eligible(self, stage_id: str, clients: Sequence[ClientInfo]) -> list[ClientInfo]:
-        need = self.ctx.footprint_mb[stage_id]
+        need = self.eligibility_footprint_mb(stage_id)
         return [c for c in clients if c.budget_mb is None or need <= c.budget_mb]
+
+    def eligibility_footprint_mb(self, stage_id: str) -> float:
+        """The smallest budget (MB) eligible() lets train in a round planned as `stage_id`; the
+        `clients_excluded` event quotes it."""
+        return self.ctx.footprint_mb[stage_id]
 
     def default_job(self, lr: float | None = None, epochs: int | None = None) -> ClientJob:
         t = self.ctx.training

@@ -104,6 +104,10 @@ class SmartSplit(Strategy):
         """Clients some cut fits (SmartSplit gives every client its own cut, whatever `stage_id`)."""
         return [c for c in clients if self.central.choose(c.client_id, c.budget_mb, self._steps(c)) is not None]
 
+    def eligibility_footprint_mb(self, stage_id: str) -> float:
+        """The smallest cut's planned footprint, not `stage_id`'s: a client is excluded when no cut fits."""
+        return self.central.smallest_footprint_mb()
+
     # ------------------------------------------------------------------ rounds
     def _steps(self, client: ClientInfo) -> int:
         t = self.ctx.training

@@ -33,6 +33,7 @@ def test_cut_rule_deepest_fit_with_transfer_penalty_recompute_and_caps() -> None
     assert m.choose(0, 65, 1).cut == "c"
     assert m.choose(0, 31, 1).cut == "b"
     assert m.choose(0, 9, 1) is None
+    assert m.smallest_footprint_mb() == 10  # what clients_excluded quotes: below it no cut fits
     # transfer as a penalty: a deeper cut that sends 8x more loses once the penalty outweighs depth
     two = [CutCost("a", 10, 8, 1 * MB, 1), CutCost("b", 30, 15, 8 * MB, 10)]
     assert CentralManager(two, transfer_penalty=0.5, allow_recompute=False).choose(0, 31, 1).cut == "b"
@@ -40,6 +41,7 @@ def test_cut_rule_deepest_fit_with_transfer_penalty_recompute_and_caps() -> None
     rc = CentralManager(_cuts(), allow_recompute=True)
     choice = rc.choose(0, 45, 1)
     assert choice.cut == "d" and choice.recompute_expected and choice.planned_footprint_mb == 40
+    assert rc.smallest_footprint_mb() == 8 and rc.choose(0, 8, 1).recompute_expected
     # calibration from a phone's measurement, and a cap after an out-of-memory kill
     assert rc.observe_footprint("d", 60, 40) == 1.5
     assert rc.choose(0, 45, 1).cut == "c"
