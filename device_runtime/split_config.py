@@ -9,6 +9,7 @@
       "recompute_ladder": [{"units": ["blocks.0.0"], "footprint_bytes": 150000000}, ...],
       "recompute": "auto",                              auto | off | all | [unit names]
       "approach_fraction": 0.85,                        auto: act when memory passes this share of the budget
+      "torch_conv": "onednn",                           torch fronts: onednn | native convolution kernels
       "connect_timeout_s": 30, "io_timeout_s": 300, "max_frame_bytes": 536870912
     }
 
@@ -27,6 +28,7 @@ from typing import Any
 from .spec import StageSpec
 
 RECOMPUTE_POLICIES = ("auto", "off", "all")
+TORCH_CONV_KERNELS = ("onednn", "native")  # native: torch's own im2col convolutions, no oneDNN layout reorders
 _TOKEN = re.compile(r"^[0-9a-f]{32,128}$")
 _HOST = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 
@@ -55,6 +57,7 @@ class SplitConfig:
     connect_timeout_s: float = 30.0
     io_timeout_s: float = 300.0
     max_frame_bytes: int = 512 * 1024 * 1024
+    torch_conv: str = "onednn"
 
     def to_dict(self) -> dict[str, Any]:
         return {"server": {"host": self.host, "port": self.port}, "token": self.token, "cut": self.cut,
@@ -63,7 +66,8 @@ class SplitConfig:
                                      for r in self.ladder],
                 "recompute": self.recompute if isinstance(self.recompute, str) else list(self.recompute),
                 "approach_fraction": self.approach_fraction, "connect_timeout_s": self.connect_timeout_s,
-                "io_timeout_s": self.io_timeout_s, "max_frame_bytes": self.max_frame_bytes}
+                "io_timeout_s": self.io_timeout_s, "max_frame_bytes": self.max_frame_bytes,
+                "torch_conv": self.torch_conv}
 
 
 def _int(v: Any) -> bool:
@@ -135,6 +139,9 @@ def parse_split_config(d: Any, stage: StageSpec) -> SplitConfig:
     max_frame = d.get("max_frame_bytes", SplitConfig.max_frame_bytes)
     if not _int(max_frame) or max_frame < 1024:
         raise SplitConfigError(f"split.max_frame_bytes: expected an integer >= 1024, got {max_frame!r}")
+    torch_conv = d.get("torch_conv", SplitConfig.torch_conv)
+    if torch_conv not in TORCH_CONV_KERNELS:
+        raise SplitConfigError(f"split.torch_conv: expected one of {', '.join(TORCH_CONV_KERNELS)}, got {torch_conv!r}")
     return SplitConfig(host=host, port=port, token=token, cut=cut, activation_shape=tuple(shape),
                        footprint_bytes=footprint, ladder=tuple(ladder), recompute=recompute,
-                       max_frame_bytes=max_frame, **values)
+                       max_frame_bytes=max_frame, torch_conv=torch_conv, **values)

@@ -61,8 +61,8 @@ def converse(front: SplitFront, split: SplitConfig, job_id: str, engine: str, ba
     """
     summary = {} if summary is None else summary
     summary.update(cut=split.cut, server=f"{split.host}:{split.port}", engine=engine,
-                   activation_shape=list(split.activation_shape), forward_passes_per_step=front.forward_passes,
-                   steps=0)
+                   torch_conv=getattr(front, "conv", None), activation_shape=list(split.activation_shape),
+                   forward_passes_per_step=front.forward_passes, steps=0)
     phase = {"forward_s": 0.0, "wait_s": 0.0, "backward_s": 0.0}
     wire = None
     try:
@@ -138,7 +138,7 @@ def train_split(job: Job, staging: Path, progress: Any) -> None:
 
     t0 = time.monotonic()
     front = load_split_front(job.engine, stage, {role: str(ref.path) for role, ref in job.artifacts.items()},
-                             job.training.optimizer)
+                             job.training.optimizer, torch_conv=split.torch_conv)
     front.set_weights(weights)
     model_load_s = time.monotonic() - t0
     del weights

@@ -77,11 +77,17 @@ class TorchSplitFront(SplitFront):
     supports_recompute = True
 
     def __init__(self, stage: StageSpec, artifacts: dict[str, str], optimizer: OptimizerConfig,
-                 module: object | None = None) -> None:
+                 module: object | None = None, conv: str = "onednn") -> None:
         """`module`: an eager module with the same contract instead of the .pt2 (the host's
-        simulated testbed passes the stage program itself)."""
+        simulated testbed passes the stage program itself; it sets no process-wide flag).
+        `conv`: the convolution kernels (split_config.TORCH_CONV_KERNELS); "native" turns oneDNN
+        off in this process, which trains nothing but this front."""
         super().__init__(stage)
         import torch
+
+        if module is None:
+            torch.backends.mkldnn.enabled = conv == "onednn"
+        self.conv = conv if module is None else "onednn"
 
         from .sgd import RunningStats
 
@@ -288,10 +294,12 @@ FRONTS: dict[str, type[SplitFront]] = {"torch": TorchSplitFront, "ort": OrtSplit
 
 
 def load_split_front(engine: str, stage: StageSpec, artifacts: dict[str, str],
-                     optimizer: OptimizerConfig) -> SplitFront:
+                     optimizer: OptimizerConfig, torch_conv: str = "onednn") -> SplitFront:
     if engine not in FRONTS:
         raise EngineError(f"engine '{engine}' has no split front (known: {', '.join(FRONTS)})")
     try:
+        if engine == "torch":
+            return TorchSplitFront(stage, artifacts, optimizer, conv=torch_conv)
         return FRONTS[engine](stage, artifacts, optimizer)  # type: ignore[call-arg]
     except ImportError as exc:
         raise EngineError(f"engine '{engine}' is not installed on this device ({exc})") from None

@@ -45,6 +45,23 @@ class SplitSettings:
     via: str = "direct"  # direct | reverse
     bind_host: str = "127.0.0.1"
     io_timeout_s: float = 300.0
+    torch_conv: str = "auto"  # auto | onednn | native (torch_conv_for)
+
+
+# Below this many FLOPs per training step a front's compute is tens of milliseconds, noise
+# next to its transfers and the server's step: there memory is what counts, and torch's
+# native convolutions skip oneDNN's layout reorders of the cut activation and its gradient
+# (2 x z). Measured at ResNet-18 cut 1.stem.conv (0.23 GFLOP): 28.7 -> 16.8 MB, and no
+# slower; at cut 3 (81 GFLOP) native was 39 % slower (docs/smartsplit.md).
+NATIVE_CONV_MAX_TRAIN_FLOPS = 1e9
+
+
+def torch_conv_for(setting: str, description: Mapping[str, Any]) -> str:
+    """The convolution kernels a torch front uses at a cut: `setting`, with "auto" resolved by
+    the cut's training FLOPs per step."""
+    if setting != "auto":
+        return setting
+    return "native" if float(description["device"]["train_flops"]) < NATIVE_CONV_MAX_TRAIN_FLOPS else "onednn"
 
 
 def device_view(description: Mapping[str, Any], momentum: bool) -> tuple[int, list[dict[str, Any]]]:
@@ -93,7 +110,8 @@ class SplitRound(RoundSession):
             return {"split": {"server": {"host": host, "port": port}, "token": session.token, "cut": cut,
                               "activation_shape": list(d["activation"]["shape"]), "footprint_bytes": footprint,
                               "recompute_ladder": ladder, "recompute": s.recompute,
-                              "approach_fraction": s.approach_fraction, "io_timeout_s": s.io_timeout_s}}
+                              "approach_fraction": s.approach_fraction, "io_timeout_s": s.io_timeout_s,
+                              "torch_conv": torch_conv_for(s.torch_conv, d)}}
 
         return PeerEndpoint(s.bind_host, self.server.port, fields, s.via)
 

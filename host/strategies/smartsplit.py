@@ -70,7 +70,8 @@ class SmartSplit(Strategy):
         self.settings = SplitSettings(
             recompute=recompute, approach_fraction=r.float("approach_fraction", 0.85, min=0.01, max=1.0),
             max_parallel=r.int("max_parallel", 2, min=1),
-            via=("reverse" if ctx.testbed == "adb" else "direct") if transport == "auto" else transport)
+            via=("reverse" if ctx.testbed == "adb" else "direct") if transport == "auto" else transport,
+            torch_conv=r.str("torch_conv", "auto", choices=("auto", "onednn", "native")))
         r.unknown_keys_error()
         order = [c for c in known if c in cuts]  # forward order, whatever order the config lists
         momentum = ctx.training.momentum > 0

@@ -127,3 +127,14 @@ def test_frames_split_across_reads_arrive_whole() -> None:
     a.close()
     b.close()
     assert frame.array.shape == (10, 100) and frame.array[9, 99] == 999
+
+
+def test_finiteness_check_has_no_false_verdicts_at_the_extremes() -> None:
+    """all_finite sums in float64 instead of building np.isfinite's bool array: the largest
+    float32 values must not overflow it, and every kind of non-finite value must show."""
+    big = np.full((4, 1024), np.finfo(np.float32).max, dtype=np.float32)
+    assert f.all_finite(big) and f.all_finite(-big) and f.all_finite(np.zeros((0,), dtype=np.float32))
+    for bad in ([np.inf], [-np.inf], [np.inf, -np.inf], [np.nan], [np.finfo(np.float32).max, np.nan]):
+        a = np.ones(4096, dtype=np.float32)
+        a[7:7 + len(bad)] = bad
+        assert not f.all_finite(a), bad

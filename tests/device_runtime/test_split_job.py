@@ -65,11 +65,13 @@ def _run(tmp_path: Path, exported: SplitExport, cut: str, engine: str, **split_e
 
 
 # 1.stem.conv: z is a conv output no saved tensor shares, so the torch front frees it once sent;
-# 1.stem and 2 end in a ReLU, which saves its output (z) for backward: z is kept.
-@pytest.mark.parametrize(("cut", "z_freed"), [("1.stem.conv", True), ("1.stem", False), ("2", False)])
+# 1.stem and 2 end in a ReLU, which saves its output (z) for backward: z is kept. Both
+# convolution kernel choices (split.torch_conv) train the same model.
+@pytest.mark.parametrize(("cut", "z_freed", "conv"), [("1.stem.conv", True, "onednn"), ("1.stem.conv", True, "native"),
+                                                      ("1.stem", False, "onednn"), ("2", False, "native")])
 def test_torch_split_job_matches_unsplit_training(tmp_path: Path, exported: SplitExport, cut: str,
-                                                  z_freed: bool) -> None:
-    status, metrics, front, session = _run(tmp_path, exported, cut, "torch")
+                                                  z_freed: bool, conv: str) -> None:
+    status, metrics, front, session = _run(tmp_path, exported, cut, "torch", torch_conv=conv)
     assert status["status"] == "ok", status
     assert session.status == "complete" and session.steps_done == STEPS
     reference = full_reference(exported, synthetic_shard(), STEPS)
@@ -84,7 +86,7 @@ def test_torch_split_job_matches_unsplit_training(tmp_path: Path, exported: Spli
     assert split["bytes_sent"] >= STEPS * up  # every batch: the activation and the labels, framed
     assert split["bytes_received"] >= STEPS * d["transfer_bytes_per_batch"]["down"]
     assert metrics["loss"] == pytest.approx(session.losses, rel=1e-6)  # the step loss is the server's
-    assert split["activations_freed"] == (STEPS if z_freed else 0)
+    assert split["activations_freed"] == (STEPS if z_freed else 0) and split["torch_conv"] == conv
 
 
 def test_ort_split_job_trains_the_same_model_within_kernel_rounding(tmp_path: Path, exported: SplitExport) -> None:

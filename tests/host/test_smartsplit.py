@@ -123,3 +123,12 @@ def test_no_cut_fits_anyone_is_a_one_line_config_error(tmp_path: Path) -> None:
         run_experiment(RunSettings(**TINY, strategy="smartsplit", budgets_mb=(0.1, 0.1)), tmp_path / "none")
     with pytest.raises(HostError, match=r"strategy\.cuts"):
         run_experiment(RunSettings(**TINY, strategy="smartsplit", strategy_params={"cuts": ["9"]}), tmp_path / "bad")
+
+
+def test_torch_conv_auto_gives_native_kernels_to_fronts_that_compute_little() -> None:
+    from fedblocks.host.split.session import NATIVE_CONV_MAX_TRAIN_FLOPS, torch_conv_for
+
+    small, big = ({"device": {"train_flops": f}} for f in (0.23e9, 81e9))  # ResNet-18 cuts 1.stem.conv, 3
+    assert NATIVE_CONV_MAX_TRAIN_FLOPS == 1e9
+    assert (torch_conv_for("auto", small), torch_conv_for("auto", big)) == ("native", "onednn")
+    assert (torch_conv_for("onednn", small), torch_conv_for("native", big)) == ("onednn", "native")

@@ -36,6 +36,7 @@ BASE_PORT
 [strategy]
 name = "smartsplit"
 cuts = ["1.stem", "2"]
+torch_conv = "onednn"  # the simulated testbed runs fronts on the host's kernels (oneDNN): same rounding
 [training]
 rounds = 1
 fraction = 1.0
@@ -110,7 +111,7 @@ def test_virtual_phones_reach_the_edge_server_through_adb_reverse(tmp_path: Path
     AdbDevice.reverse, the phone connects to its own 127.0.0.1, the virtual adbd forwards)."""
     cfg = tmp_path / "reverse.toml"
     cfg.write_text(CONFIG.replace("TESTBED", "virtual").replace("BASE_PORT", f"base_port = {_free_port_block(2)}")
-                   .replace('cuts = ["1.stem", "2"]', 'cuts = ["1.stem", "2"]\ntransport = "reverse"'))
+                   .replace('torch_conv = "onednn"', 'torch_conv = "auto"\ntransport = "reverse"'))
     run_dir = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(run_dir), "--json"]) == 0
     capsys.readouterr()
@@ -124,3 +125,4 @@ def test_virtual_phones_reach_the_edge_server_through_adb_reverse(tmp_path: Path
         edge_port = metrics["server"]["edge_address"].rsplit(":", 1)[1]
         assert host == "127.0.0.1" and port != edge_port and metrics["server"]["status"] == "complete"
         assert metrics["server"]["bytes_from_device"] == metrics["split"]["bytes_sent"]
+        assert metrics["split"]["torch_conv"] == "native"  # auto: these ResNet-8 fronts are far below 1 GFLOP
