@@ -61,7 +61,7 @@ def converse(front: SplitFront, split: SplitConfig, job_id: str, engine: str, ba
     """
     summary = {} if summary is None else summary
     summary.update(cut=split.cut, server=f"{split.host}:{split.port}", engine=engine,
-                   torch_conv=getattr(front, "conv", None), activation_shape=list(split.activation_shape),
+                   torch_conv=front.conv, activation_shape=list(split.activation_shape),
                    forward_passes_per_step=front.forward_passes, steps=0)
     phase = {"forward_s": 0.0, "wait_s": 0.0, "backward_s": 0.0}
     wire = None

@@ -38,6 +38,7 @@ from .base import EngineError
 
 class SplitFront(ABC):
     engine = ""
+    conv: str | None = None  # torch fronts: the convolution kernels they run (split_config.TORCH_CONV_KERNELS)
     supports_recompute = False
     forward_passes = 1  # front forward passes per step (two-pass engines recompute it once by construction)
 
@@ -158,6 +159,10 @@ class TorchSplitFront(SplitFront):
         missing = self._stats.missing()
         if missing:
             raise EngineError(f"torch: set_weights must give state tensor '{missing[0]}' before training")
+        inputs = (self._torch.from_numpy(np.ascontiguousarray(x)), self._g_placeholder)
+        if not self._loss_removed:  # the loss keeps z saved: nothing to find out
+            self._outputs = self._module(*inputs)
+            return self._outputs[-1].detach().numpy()
         saved: set[int] = set()
 
         def pack(t: object) -> object:  # records which storages backward will read
@@ -165,9 +170,9 @@ class TorchSplitFront(SplitFront):
             return t
 
         with self._torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self._outputs = self._module(self._torch.from_numpy(np.ascontiguousarray(x)), self._g_placeholder)
+            self._outputs = self._module(*inputs)
         z = self._outputs[-1]
-        self._z_releasable = self._loss_removed and z.untyped_storage().data_ptr() not in saved
+        self._z_releasable = z.untyped_storage().data_ptr() not in saved
         if self._z_releasable and z.dtype == self._torch.float32 and z.is_contiguous():
             # not z.numpy(): that pins the storage (torch refuses to resize it while numpy may look)
             return np.asarray(_TensorMemory(z))

@@ -87,8 +87,7 @@ class CentralManager:
         for index, c in enumerate(self.cuts):
             if index > self.cap.get(client_id, len(self.cuts) - 1):
                 break
-            scale = self.calibration.get(c.cut, 1.0)
-            plain, recompute = c.footprint_mb * scale, c.footprint_recompute_mb * scale
+            plain, recompute = self._calibrated(c)
             if budget_mb is None or plain <= budget_mb:
                 planned, rc = plain, False
             elif self.allow_recompute and recompute <= budget_mb:
@@ -103,13 +102,15 @@ class CentralManager:
                 best = CutChoice(c.cut, rc, planned, score)
         return best
 
+    def _calibrated(self, c: CutCost) -> tuple[float, float]:
+        """(footprint, footprint with recompute) of a cut in MB, scaled by its calibration."""
+        scale = self.calibration.get(c.cut, 1.0)
+        return c.footprint_mb * scale, c.footprint_recompute_mb * scale
+
     def smallest_footprint_mb(self) -> float:
         """The least budget any cut fits (calibrated; with recompute when it is allowed)."""
-        def least(c: CutCost) -> float:
-            need = min(c.footprint_mb, c.footprint_recompute_mb) if self.allow_recompute else c.footprint_mb
-            return need * self.calibration.get(c.cut, 1.0)
-
-        return min(least(c) for c in self.cuts)
+        return min(min(plain, rc) if self.allow_recompute else plain
+                   for plain, rc in map(self._calibrated, self.cuts))
 
     # ---- feedback (the edge manager calls these between rounds)
     def observe_footprint(self, cut: str, measured_mb: float, predicted_mb: float) -> float | None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fedblocks.device_runtime.split_config import TORCH_CONV_KERNELS
 from fedblocks.host.aggregate import ClientUpdate
 from fedblocks.host.config import ParamReader
 from fedblocks.host.errors import HostError
@@ -71,7 +72,7 @@ class SmartSplit(Strategy):
             recompute=recompute, approach_fraction=r.float("approach_fraction", 0.85, min=0.01, max=1.0),
             max_parallel=r.int("max_parallel", 2, min=1),
             via=("reverse" if ctx.testbed == "adb" else "direct") if transport == "auto" else transport,
-            torch_conv=r.str("torch_conv", "auto", choices=("auto", "onednn", "native")))
+            torch_conv=r.str("torch_conv", "auto", choices=("auto", *TORCH_CONV_KERNELS)))
         r.unknown_keys_error()
         order = [c for c in known if c in cuts]  # forward order, whatever order the config lists
         momentum = ctx.training.momentum > 0
