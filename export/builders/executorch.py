@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedblocks.device_runtime.engines.sgd import sgd_scratch_floats
 from fedblocks.export.builders import failing_operator, first_line, require_modules, stage_label
 from fedblocks.export.errors import ExportError
 from fedblocks.export.weights import weights_to_bytes
@@ -176,7 +177,7 @@ def predict_memory(stage: nn.Module, files: dict[str, Path], batch_size: int) ->
     grads = sum(t.numel() * t.element_size() for t in trainable)
     params = sum(t.numel() * t.element_size() for t in (*stage.parameters(), *stage.buffers()))
     planned = planned_memory_bytes(files["program"])
-    scratch = max((t.numel() * 4 for t in trainable), default=0)
+    scratch = 4 * sgd_scratch_floats([t.numel() for t in trainable])  # the runtime's one-chunk SGD scratch
     return {"method": "executorch-memory-plan", "footprint_bytes": grads, "momentum_bytes": grads,
             "total_bytes": params + planned + scratch + grads,
             "detail": {"planned_bytes": planned, "gradient_outputs_bytes": grads, "sgd_scratch_bytes": scratch}}

@@ -25,19 +25,31 @@ def test_prediction_uses_the_engines_own_figure() -> None:
     assert predicted_footprint(broken, momentum=0.0, engine="ort") == 600
 
 
+@pytest.mark.parametrize("scratch_floats", [64, 16])  # the whole tensor at once; three chunks (16+16+3)
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-2)])
-def test_inplace_sgd_is_bit_identical_to_the_reference(momentum: float, weight_decay: float) -> None:
+def test_inplace_sgd_is_bit_identical_to_the_reference(momentum: float, weight_decay: float,
+                                                       scratch_floats: int) -> None:
     rng = np.random.default_rng(0)
     config = OptimizerConfig(lr=0.05, momentum=momentum, weight_decay=weight_decay)
     reference, inplace = NumpySGD(config), NumpySGD(config)
     p_ref = rng.standard_normal((7, 5)).astype(np.float32)
     p_in = p_ref.copy()
-    scratch = np.empty(64, dtype=np.float32)
+    scratch = np.empty(scratch_floats, dtype=np.float32)
     for _ in range(4):
         grad = rng.standard_normal((7, 5)).astype(np.float32)
         p_ref = reference.update("w", p_ref, grad)
         inplace.update_inplace("w", p_in, grad.copy(), scratch)
         assert np.array_equal(p_ref, p_in)
+
+
+def test_inplace_sgd_on_a_strided_view_updates_the_view() -> None:
+    config = OptimizerConfig(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((6, 8)).astype(np.float32)
+    view = base[:, ::2]  # not C-contiguous: no flat chunking, the update must still land in `base`
+    expected = NumpySGD(config).update("w", view.copy(), np.ones_like(view))
+    NumpySGD(config).update_inplace("w", view, np.ones_like(view), np.empty(view.size, dtype=np.float32))
+    assert np.array_equal(base[:, ::2], expected)
 
 
 def test_bench_reports_each_stage_relative_to_full() -> None:

@@ -306,6 +306,9 @@ def test_conv_input_grad_rewrite_matches_convgrad() -> None:
     for name, a, b in zip(outputs, reference, rewritten, strict=True):
         assert np.allclose(a, b, rtol=1e-5, atol=1e-5), name
     assert np.array_equal(reference[1], rewritten[1])  # dW still comes from ConvGrad
+    rotated = [n.input[1] for n in model.graph.node if n.name.endswith("/fedblocks_dx/Conv")]
+    (kernel,) = _run_onnx(list(model.graph.node), feeds, rotated[:1], list(model.graph.initializer))
+    assert np.array_equal(kernel, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # the MatMul rotation is exact
 
 
 def test_ort_batchnorm_exports_one_fused_node_and_keeps_the_batch_statistics(tmp_path: Path) -> None:
