@@ -231,3 +231,7 @@ def test_accuracy_benchmark_budgets_put_half_the_clients_below_the_full_model() 
     assert all(full <= b <= 1.5 * full for b in budgets if b >= full)
     assert list(budgets) != sorted(budgets)
     assert len(bench.assign_budgets(7, full, seed=3)) == 7 and sum(b < full for b in bench.assign_budgets(7, full, 3)) == 3
+    assert bench.assign_budgets(20, full, seed=0, fit_fraction=0.5) == budgets  # the default draws the same
+    few = bench.assign_budgets(20, full, seed=0, fit_fraction=0.1)
+    assert sum(b >= full for b in few) == 2 and all(0.5 * full <= b <= 1.5 * full for b in few)
+    assert sum(b >= full for b in bench.assign_budgets(20, full, seed=0, fit_fraction=1.0)) == 20
