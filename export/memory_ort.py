@@ -23,7 +23,12 @@ planner on the graph ORT will actually run and sizes what it allocates:
      most recently freed first; otherwise a new buffer is planned.
    Buffers of tensors whose shape ORT knows statically are laid out in ORT's *memory
    pattern* (one block per run, best-fit placement, onnxruntime/core/framework/
-   mem_pattern_planner.h); the others (ORT could not infer their shape, e.g. ConvGrad's
+   mem_pattern_planner.h), each buffer occupying its place over its whole span, from
+   its first value's allocation to its last value's release, even where a buffer the
+   planner reuses sits idle in between (measured: that layout is ORT's pattern block to
+   0.02 MiB on all 8 ResNet-18 stages -- the block ORT's verbose log reports when it
+   extends its arena for the pattern; placing by the separate use intervals
+   under-predicted the full model's pattern by 15.3 MiB); the others (ORT could not infer their shape, e.g. ConvGrad's
    weight gradient) and the graph outputs are allocated one by one while the step runs.
 3. Kernel scratch that the planner never sees: Conv's im2col working buffer (MLAS:
    output pixels x C_in/group x kh x kw floats when the filter count exceeds the output
@@ -356,10 +361,10 @@ def _overlap(a: list[Interval], b: list[Interval]) -> bool:
 class _PatternLayout:
     """ORT's MemPatternPlanner in its training form (program counters): best-fit placement.
 
-    A buffer is placed once, at its first allocation, with all the intervals it will be in
-    use (a buffer the planner reuses has several); a live block whose intervals do not
-    overlap the new one's does not constrain the placement. Blocks leave at their final
-    release.
+    A buffer is placed once, at its first allocation, with the intervals it will be in
+    use; a live block whose intervals do not overlap the new one's does not constrain the
+    placement. Blocks leave at their final release. ``plan_training_step`` passes each
+    buffer's whole span as one interval: that is what reproduces ORT's pattern (module doc).
     """
 
     def __init__(self) -> None:
@@ -530,7 +535,8 @@ def plan_training_step(model: Any, threads: int = 1, memory_pattern: bool = True
     for pc in range(len(nodes)):
         for owner in allocated_at.get(pc, []):
             if owner in shapes.known:
-                layout.allocate(owner, shapes.nbytes(owner), intervals[owner])
+                span = [(intervals[owner][0][0], intervals[owner][-1][1])]  # idle gaps stay reserved
+                layout.allocate(owner, shapes.nbytes(owner), span)
         for owner in released_at.get(pc, []):
             if owner in shapes.known:
                 layout.free(owner)

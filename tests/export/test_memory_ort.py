@@ -142,10 +142,11 @@ def test_plan_matches_what_onnxruntime_allocates(resnet8_export: Path, sid: str)
     block ORT requests and the total its arena grows by. Extensions for requests under 4 KiB
     are left out: ORT serves those from a fresh 1 MiB region whose pages stay untouched (no RSS).
 
-    Tolerance -12 % .. +2 %. Observed: grow-1 and shrink-2 exact to the byte; full 9.5 % low
-    (ResNet-18: 0.0 % to -8.6 % over its 8 stages): where a stage trains a downsampling
-    block, ORT's pattern places some buffers less tightly than this replay of its planner
-    does; not yet traced to the rule that differs (docs/device_runtime.md)."""
+    Tolerance -2 % .. +5 %. Observed: grow-1 and shrink-2 exact to the byte, full +4.3 %
+    (0.14 MiB; ResNet-8 at batch 32 and ResNet-18 at batch 8 and 32: within 0.02 MiB on every
+    stage). Before each buffer was held over its whole span, the replay placed buffers in the
+    idle gaps between their uses, which ORT does not: full was 9.5 % low here, and ResNet-18's
+    full stage 15.3 MiB (8.6 %) low at batch 32."""
     manifest = json.loads((resnet8_export / "manifest.json").read_text())
     stage = next(s for s in manifest["stages"] if s["id"] == sid)
     files = {role: resnet8_export / ref["path"] for role, ref in stage["artifacts"]["ort"].items()}
@@ -158,8 +159,8 @@ def test_plan_matches_what_onnxruntime_allocates(resnet8_export: Path, sid: str)
     assert extensions, log[-2000:]
     pattern_request = max(req for req, _ in extensions)
     grown = sum(ext for _, ext in extensions)
-    assert 0.88 * pattern_request <= plan.pattern_bytes <= 1.02 * pattern_request, (pattern_request, plan)
-    assert 0.88 * grown <= plan.arena_bytes <= 1.02 * grown, (grown, plan)
+    assert 0.98 * pattern_request <= plan.pattern_bytes <= 1.05 * pattern_request, (pattern_request, plan)
+    assert 0.98 * grown <= plan.arena_bytes <= 1.05 * grown, (grown, plan)
     assert plan.unmodelled_ops == ()
 
 
