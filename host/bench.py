@@ -56,6 +56,9 @@ def _register_stage(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=6, help="training steps per run (default 6; the first is warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="leading steps excluded from the median (default 1)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runtime / eager pairs per stage, run alternately; ratios are the median of the pairs' "
+                        "ratios, so a machine that speeds up or slows down mid-run does not bias them (default 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for every engine and torch eager (default: CPUs available)")
     p.add_argument("--num-classes", type=int, default=10)
@@ -82,10 +85,15 @@ class StageBenchRow:
     eager_ms: float | None  # torch eager, same stage, same batches
     eager_ms_min: float | None
     eager_ms_max: float | None
-    ratio: float | None  # step_ms / eager_ms
+    ratio: float | None  # median over the repeats of (runtime median step / eager median step)
     step_cpu_ms: float | None  # CPU time per step (all threads), median excluding warm-up: robust to other load
     eager_cpu_ms: float | None
-    cpu_ratio: float | None
+    cpu_ratio: float | None  # median over the repeats, like ratio
+    repeats: int  # runtime / eager pairs measured (step and eager figures pool their timed steps)
+    ratio_min: float | None  # the pairs' lowest and highest wall ratio: the run-to-run spread
+    ratio_max: float | None
+    cpu_ratio_min: float | None
+    cpu_ratio_max: float | None
     footprint_mib: float | None  # measured peak - baseline RSS of the runtime's training process
     footprint_anon_mib: float | None  # the same for RssAnon (sampled; excludes engine code pages a step faults in)
     predicted_mib: float | None  # the runtime's memory.predicted_footprint_bytes: the manifest's engine prediction
@@ -134,6 +142,8 @@ def bench_stage_command(args: argparse.Namespace) -> int:
     for name, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value < 2:
             raise HostError(f"{name} must be >= 2, got {value}")
+    if args.repeats < 1:
+        raise HostError(f"--repeats must be >= 1, got {args.repeats}")
     if not 0 <= args.warmup < args.steps:
         raise HostError(f"--warmup must be in [0, --steps), got {args.warmup}")
     threads = args.threads or _available_cpus()
@@ -142,7 +152,7 @@ def bench_stage_command(args: argparse.Namespace) -> int:
     try:
         rows, env = bench_stages(args.model, args.stage, args.engine, args.batch_size, args.steps, args.warmup,
                                  threads, args.num_classes, _parse_shape(args.input_shape), args.export_dir,
-                                 show_progress=not args.json)
+                                 show_progress=not args.json, repeats=args.repeats)
     except ExportError as exc:
         raise HostError(str(exc)) from None
     if args.json:
@@ -162,8 +172,9 @@ def _export_dir(explicit: Path | None) -> Path:
 
 def bench_stages(model: str, stage: str, engine: str, batch_size: int, steps: int, warmup: int, threads: int,
                  num_classes: int, input_shape: tuple[int, ...], export_dir: Path | None,
-                 show_progress: bool = True) -> tuple[list[StageBenchRow], dict[str, Any]]:
-    """Export (cached), then per stage: runtime run in a separate process + torch eager in-process."""
+                 show_progress: bool = True, repeats: int = 1) -> tuple[list[StageBenchRow], dict[str, Any]]:
+    """Export (cached), then per stage, ``repeats`` times: a runtime run in a separate process, then torch
+    eager in-process on the same batches."""
     from rich.progress import Progress
 
     from fedblocks.export.pipeline import ExportSpec, build_blocked_model, export_model, stage_program
@@ -195,17 +206,25 @@ def bench_stages(model: str, stage: str, engine: str, batch_size: int, steps: in
                 work = Path(tmp)
                 data = synthetic_shard(stage_dict, steps, seed=0)
                 weights = {t["name"]: init_all[t["name"]] for t in (*stage_dict["trainable"], *stage_dict["state"])}
-                job = write_bench_job(work, f"bench-{sid}-{engine}", engine, stage_dict,
-                                      {role: out / ref.path for role, ref in entry.artifacts[engine].items()},
-                                      data, weights, steps, threads)
-                metrics, status, reason = run_runtime(job)
-                progress.update(task, description=f"{sid}: torch eager")
-                program = stage_program(build_blocked_model(spec), sid)
-                program.load_global_state(init_all, strict=False)
-                eager = time_torch_eager(program, stage_dict, data, steps, threads)
+                pairs: list[tuple[dict[str, Any], tuple[list[float], list[float]]]] = []
+                status, reason = "ok", ""
+                for rep in range(repeats):
+                    label = f" ({rep + 1}/{repeats})" if repeats > 1 else ""
+                    progress.update(task, description=f"{sid}: {engine} through the device runtime{label}")
+                    run_dir = work / f"run-{rep}"
+                    run_dir.mkdir()
+                    job = write_bench_job(run_dir, f"bench-{sid}-{engine}", engine, stage_dict,
+                                          {role: out / ref.path for role, ref in entry.artifacts[engine].items()},
+                                          data, weights, steps, threads)
+                    metrics, status, reason = run_runtime(job)
+                    progress.update(task, description=f"{sid}: torch eager{label}")
+                    program = stage_program(build_blocked_model(spec), sid)  # fresh weights for every pair
+                    program.load_global_state(init_all, strict=False)
+                    pairs.append((metrics, time_torch_eager(program, stage_dict, data, steps, threads)))
+                    if status != "ok":
+                        break  # a failing runtime fails the same way again
             method = (entry.memory.engines[engine].method if engine in entry.memory.engines else "engine-agnostic")
-            rows.append(_row(model, sid, engine, batch_size, threads, steps, warmup, status, reason, metrics, eager,
-                             method))
+            rows.append(_row(model, sid, engine, batch_size, threads, steps, warmup, status, reason, pairs, method))
             progress.advance(task)
     env["loadavg_end"] = os.getloadavg()
     return relative_to_full(rows), env
@@ -326,12 +345,42 @@ def _mib(v: Any) -> float | None:
     return None if v is None else round(v / MIB, 1)
 
 
+def _pair_ratios(pairs: list[tuple[dict[str, Any], tuple[list[float], list[float]]]], warmup: int,
+                 cpu: bool) -> list[float]:
+    """Per runtime / eager pair: the runtime's median step over eager's (wall, or CPU time)."""
+    out = []
+    for metrics, eager in pairs:
+        runtime = [c for c in metrics.get("step_cpu_s" if cpu else "step_latency_s") or [] if c is not None]
+        a, b = _stats_ms(runtime, warmup)[0], _stats_ms(eager[1] if cpu else eager[0], warmup)[0]
+        if a and b:
+            out.append(a / b)
+    return out
+
+
 def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int, warmup: int, status: str,
-         reason: str, metrics: dict[str, Any], eager: tuple[list[float], list[float]], method: str) -> StageBenchRow:
-    step_ms, step_min, step_max = _stats_ms(list(metrics.get("step_latency_s") or []), warmup)
-    eager_ms, eager_min, eager_max = _stats_ms(eager[0], warmup)
-    step_cpu = _stats_ms([c for c in metrics.get("step_cpu_s") or [] if c is not None], warmup)[0]
-    eager_cpu = _stats_ms(eager[1], warmup)[0]
+         reason: str, pairs: list[tuple[dict[str, Any], tuple[list[float], list[float]]]],
+         method: str) -> StageBenchRow:
+    """One table row. Times pool the timed steps of every pair; memory and energy are the first run's."""
+
+    def pooled(values: list[list[float]]) -> list[float]:  # each run's warm-up steps dropped, then pooled
+        return [v for run in values for v in (run[warmup:] or run)]
+
+    metrics = pairs[0][0] if pairs else {}
+    step_ms, step_min, step_max = _stats_ms(pooled([list(m.get("step_latency_s") or []) for m, _ in pairs]), 0)
+    eager_ms, eager_min, eager_max = _stats_ms(pooled([e[0] for _, e in pairs]), 0)
+    step_cpu = _stats_ms(pooled([[c for c in m.get("step_cpu_s") or [] if c is not None] for m, _ in pairs]), 0)[0]
+    eager_cpu = _stats_ms(pooled([e[1] for _, e in pairs]), 0)[0]
+    wall_ratios, cpu_ratios = _pair_ratios(pairs, warmup, cpu=False), _pair_ratios(pairs, warmup, cpu=True)
+
+    def mid(values: list[float]) -> float | None:
+        return round(statistics.median(values), 3) if values else None
+
+    def lo(values: list[float]) -> float | None:
+        return round(min(values), 3) if values else None
+
+    def hi(values: list[float]) -> float | None:
+        return round(max(values), 3) if values else None
+
     mem = metrics.get("memory") or {}
     footprint, predicted = mem.get("footprint_bytes"), mem.get("predicted_footprint_bytes")
     energy = metrics.get("energy") or {}
@@ -339,9 +388,9 @@ def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int
         model=model, stage=sid, engine=engine, batch_size=batch, threads=threads, steps=steps, status=status,
         reason=reason, step_ms=step_ms, step_ms_min=step_min, step_ms_max=step_max, eager_ms=eager_ms,
         eager_ms_min=eager_min, eager_ms_max=eager_max,
-        ratio=round(step_ms / eager_ms, 3) if step_ms and eager_ms else None,
-        step_cpu_ms=step_cpu, eager_cpu_ms=eager_cpu,
-        cpu_ratio=round(step_cpu / eager_cpu, 3) if step_cpu and eager_cpu else None,
+        ratio=mid(wall_ratios), step_cpu_ms=step_cpu, eager_cpu_ms=eager_cpu, cpu_ratio=mid(cpu_ratios),
+        repeats=len(pairs), ratio_min=lo(wall_ratios), ratio_max=hi(wall_ratios), cpu_ratio_min=lo(cpu_ratios),
+        cpu_ratio_max=hi(cpu_ratios),
         footprint_mib=_mib(footprint), footprint_anon_mib=_mib(mem.get("footprint_anon_bytes")),
         predicted_mib=_mib(predicted), prediction_method=method,
         error_pct=round(100 * (footprint - predicted) / predicted, 1) if footprint is not None and predicted else None,
@@ -349,6 +398,12 @@ def _row(model: str, sid: str, engine: str, batch: int, threads: int, steps: int
         baseline_mib=_mib(mem.get("baseline_rss_bytes")), peak_mib=_mib(mem.get("peak_rss_bytes")),
         peak_source=mem.get("peak_source"), model_load_s=metrics.get("model_load_s"),
         energy_j=energy.get("joules"), energy_source=energy.get("source"))
+
+
+def _ratio_cell(mid: float | None, lo: float | None, hi: float | None) -> str:
+    if mid is None:
+        return "-"
+    return f"{mid:.2f}" if lo is None or hi is None or lo == hi else f"{mid:.2f} ({lo:.2f}-{hi:.2f})"
 
 
 def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
@@ -368,13 +423,17 @@ def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
     for r in rows:
         table.add_row(r.stage, r.engine, r.status if r.status == "ok" else f"{r.status}: {r.reason[:60]}",
                       f(r.step_ms, ".1f"), f(r.eager_ms, ".1f"), f(r.ratio, ".2f"), f(r.step_cpu_ms, ".1f"),
-                      f(r.eager_cpu_ms, ".1f"), f(r.cpu_ratio, ".2f"), f(r.footprint_mib, ".1f"),
+                      f(r.eager_cpu_ms, ".1f"), _ratio_cell(r.cpu_ratio, r.cpu_ratio_min, r.cpu_ratio_max),
+                      f(r.footprint_mib, ".1f"),
                       f(r.predicted_mib, ".1f"), f(r.error_pct, "+.1f"), f(r.footprint_vs_full, ".2f"),
                       f(r.predicted_vs_full, ".2f"), f(r.footprint_anon_mib, ".1f"), f(r.baseline_mib, ".1f"),
                       f(r.peak_mib, ".1f"), f(r.model_load_s, ".2f"))
     Console(width=None if sys.stdout.isatty() else 260).print(table)
     methods = sorted({r.prediction_method for r in rows if r.prediction_method})
-    print("step ms: median wall time per step excluding warm-up (min..max in --json); cpu ms: median CPU time "
+    repeats = max((r.repeats for r in rows), default=1)
+    print(f"step ms: median wall time per step excluding warm-up, pooled over {repeats} runtime / eager pair(s) "
+          "run alternately (min..max in --json); ratio, cpu ratio: median of the pairs' ratios (their range in "
+          "brackets); cpu ms: median CPU time "
           "per step, all threads (robust to other load on the machine); footprint = peak - baseline RSS of the "
           "runtime's training process (anon: RssAnon only, sampled); predicted = the manifest's prediction for "
           f"this engine ({', '.join(methods)}; momentum included); vs full = footprint / the full stage's "
