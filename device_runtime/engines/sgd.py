@@ -72,7 +72,7 @@ class NumpySGD:
         """
         cfg = self.config
         buf = self._momentum.get(name) if cfg.momentum else None
-        first = cfg.momentum and buf is None
+        first = bool(cfg.momentum) and buf is None
         if first:
             buf = self._momentum[name] = np.empty_like(param)
         contiguous = param.flags.c_contiguous and grad.flags.c_contiguous
