@@ -422,7 +422,7 @@ def _print_table(rows: list[StageBenchRow], env: dict[str, Any]) -> None:
 
     for r in rows:
         table.add_row(r.stage, r.engine, r.status if r.status == "ok" else f"{r.status}: {r.reason[:60]}",
-                      f(r.step_ms, ".1f"), f(r.eager_ms, ".1f"), f(r.ratio, ".2f"), f(r.step_cpu_ms, ".1f"),
+                      f(r.step_ms, ".1f"), f(r.eager_ms, ".1f"), _ratio_cell(r.ratio, r.ratio_min, r.ratio_max), f(r.step_cpu_ms, ".1f"),
                       f(r.eager_cpu_ms, ".1f"), _ratio_cell(r.cpu_ratio, r.cpu_ratio_min, r.cpu_ratio_max),
                       f(r.footprint_mib, ".1f"),
                       f(r.predicted_mib, ".1f"), f(r.error_pct, "+.1f"), f(r.footprint_vs_full, ".2f"),
