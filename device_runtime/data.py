@@ -85,3 +85,67 @@ def batch_indices(num_samples: int, batch_size: int, seed: int, epochs: int | No
                 return
             yield perm[b * batch_size:(b + 1) * batch_size]
             done += 1
+
+
+# --- augmentation -------------------------------------------------------------------------
+# Random crop with zero padding + horizontal flip, the CIFAR recipe of the ProFL / NeuLite code
+# (research/methods.md). A shard is a fixed array, so without it every client sees the same
+# 500 images each epoch and overfits them. The draws come from their own generator, so the
+# batch order above does not change; the simulated testbed calls the same function, so both
+# testbeds see the same augmented batches for the same seed.
+AUGMENTATIONS = ("none", "crop-flip")
+AUGMENT_IMAGE_INPUT = "x"  # the image input an augmentation transforms
+AUGMENT_PASSIVE_INPUTS = ("y",)  # inputs it leaves as they are (labels do not move with a crop)
+CROP_PAD = 4
+
+
+def augmentable(stage: StageSpec) -> str | None:
+    """None when `stage` can be augmented, else why not (one phrase)."""
+    names = [t.name for t in stage.inputs]
+    if AUGMENT_IMAGE_INPUT not in names:
+        return f"the stage has no image input '{AUGMENT_IMAGE_INPUT}'"
+    other = [n for n in names if n not in (AUGMENT_IMAGE_INPUT, *AUGMENT_PASSIVE_INPUTS)]
+    if other:
+        # e.g. ProFL shrinking's teacher logits: computed on the unaugmented images, a crop would
+        # make them the targets of another picture
+        return f"input '{other[0]}' is per-sample data computed from the unaugmented images"
+    spec = next(t for t in stage.inputs if t.name == AUGMENT_IMAGE_INPUT)
+    if (len(spec.shape) != 4 or not spec.dtype.startswith("float") or spec.shape[2] <= 2 * CROP_PAD
+            or spec.shape[3] <= 2 * CROP_PAD):
+        return (f"input '{AUGMENT_IMAGE_INPUT}' is not a float batch of images [N, C, H, W] larger than "
+                f"{2 * CROP_PAD}x{2 * CROP_PAD} pixels")
+    return None
+
+
+class BatchAugmenter:
+    """Transforms the image input of every batch, in step order, from one seed."""
+
+    def __init__(self, kind: str, seed: int) -> None:
+        if kind not in AUGMENTATIONS:
+            raise ValueError(f"augmentation '{kind}' is unknown (choose from {', '.join(AUGMENTATIONS)})")
+        self.kind = kind
+        # a second stream beside the batch order's default_rng(seed): same seed, different draws
+        self.rng = np.random.default_rng([seed, 0xA06])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.kind == "none":
+            return batch
+        return {**batch, AUGMENT_IMAGE_INPUT: crop_flip(batch[AUGMENT_IMAGE_INPUT], self.rng)}
+
+
+def crop_flip(x: np.ndarray, rng: np.random.Generator, pad: int = CROP_PAD) -> np.ndarray:
+    """Each image shifted by (dy, dx) uniform in [-pad, pad] with zeros filling in (a crop of the
+    zero-padded image), then mirrored left-right with probability 1/2. One output array, no
+    padded copy: the footprint grows by no more than the batch itself."""
+    n, _, h, w = x.shape
+    shifts = rng.integers(-pad, pad + 1, size=(n, 2))
+    flips = rng.random(n) < 0.5
+    out = np.zeros_like(x)
+    for i in range(n):
+        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
+        # out[r, c] = x[r + dy, c + dx] where that lies inside the image
+        out[i, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+            x[i, :, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+        if flips[i]:
+            out[i] = out[i, :, :, ::-1].copy()
+    return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import AUGMENTATIONS, augmentable
 from .spec import OptimizerConfig, SpecError, StageSpec
 from .split_config import SplitConfig, SplitConfigError, parse_split_config
 
@@ -101,11 +102,12 @@ class TrainingConfig:
     epochs: int | None = 1
     max_steps: int | None = None
     threads: int | None = None  # intra-op threads for the engine (None: engine default)
+    augment: str = "none"  # data.AUGMENTATIONS: applied to every batch's image input
 
     def to_dict(self) -> dict[str, Any]:
         o = self.optimizer
         return {"epochs": self.epochs, "max_steps": self.max_steps, "batch_size": self.batch_size,
-                "seed": self.seed, "threads": self.threads,
+                "seed": self.seed, "threads": self.threads, "augment": self.augment,
                 "optimizer": {"name": o.name, "lr": o.lr, "momentum": o.momentum,
                               "weight_decay": o.weight_decay}}
 
@@ -243,6 +245,9 @@ def parse_job(raw: dict[str, Any], job_dir: Path) -> Job:
             split = parse_split_config(raw.get("split"), stage)
         except SplitConfigError as exc:
             raise JobError(str(exc)) from exc
+        if training.augment != "none":
+            # the server's half of the step sees only the activations; it could not redo the crop
+            raise JobError("training.augment: split (SmartSplit) jobs train on the shard as it is; send 'none'")
     return Job(job_id=job_id, engine=engine, stage=stage, stage_dict=stage_dict, artifacts=artifacts,
                data=data, init_weights=init_weights, training=training, meters=meters,
                output_dir=_resolve(out, job_dir),
@@ -287,12 +292,19 @@ def _training(d: dict[str, Any], stage: StageSpec) -> TrainingConfig:
     threads = d.get("threads")
     if threads is not None and not (_is_int(threads) and threads >= 1):
         raise JobError(f"training.threads: expected a positive integer or null, got {threads!r}")
+    augment = d.get("augment", "none")
+    if augment not in AUGMENTATIONS:
+        raise JobError(f"training.augment: expected one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+    why_not = augmentable(stage) if augment != "none" else None
+    if why_not:
+        raise JobError(f"training.augment: '{augment}' cannot apply to stage '{stage.id}': {why_not} "
+                       "(send augment 'none' for this stage)")
     try:
         optimizer = OptimizerConfig.from_dict(d.get("optimizer", {"name": "sgd"}))
     except SpecError as exc:
         raise JobError(str(exc)) from exc
     return TrainingConfig(batch_size=batch_size, seed=seed, optimizer=optimizer, epochs=epochs,
-                          max_steps=max_steps, threads=threads)
+                          max_steps=max_steps, threads=threads, augment=augment)
 
 
 def _meters(d: Any) -> MeterConfig:

@@ -21,7 +21,7 @@ from typing import IO, Any
 import numpy as np
 
 from . import procfs
-from .data import DataError, batch_indices, load_shard, steps_planned
+from .data import BatchAugmenter, DataError, batch_indices, load_shard, steps_planned
 from .engines.base import EngineError
 from .job import JobError, parse_job
 from .weights import WeightsError, load_weights, save_weights, validate_weights
@@ -89,9 +89,10 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
                   num_samples=num_samples, steps_planned=planned)
 
     steps = 0
+    augment = BatchAugmenter(job.training.augment, job.training.seed)
     for i, idx in enumerate(batch_indices(num_samples, job.stage.batch_size, job.training.seed,
                                           job.training.epochs, job.training.max_steps)):
-        batch = {name: arr[idx] for name, arr in data.items()}
+        batch = augment({name: arr[idx] for name, arr in data.items()})
         c_start, t_start = time.process_time(), time.monotonic()
         loss = float(engine.step(batch))
         t_end, c_end = time.monotonic(), time.process_time()

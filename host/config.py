@@ -23,7 +23,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from fedblocks.host.data.dataset import DATASET_NAMES, NATURAL_CLIENT_DATASETS
+from fedblocks.device_runtime.data import AUGMENTATIONS
+from fedblocks.host.data.dataset import DATASET_NAMES, IMAGE_DATASETS, NATURAL_CLIENT_DATASETS
 from fedblocks.host.data.partition import DEFAULT_MIN_SAMPLES, PARTITION_SCHEMES
 from fedblocks.host.errors import HostError
 
@@ -261,6 +262,7 @@ class TrainingConfig:
     deadline_s: float = 600.0  # a device job still running after this is a straggler
     max_steps: int | None = None  # optional cap on local steps per job
     weighted_aggregation: bool = True  # FedAvg weights by sample count (False: unweighted, as ProFL's code)
+    augment: str = "none"  # "crop-flip": random 4-pixel crop + horizontal flip of every training batch
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
 
 
@@ -367,6 +369,10 @@ def parse_config(
     clients = _clients(top.table("clients"), base_dir)
     strategy = _strategy(top.table("strategy"))
     training = _training(top.table("training"))
+    not_images = [d for d in (dataset.name, dataset.fallback) if d is not None and d not in IMAGE_DATASETS]
+    if training.augment != "none" and not_images:
+        raise config_error("training.augment", f"{training.augment!r} crops and mirrors images; dataset "
+                           f"{not_images[0]!r} is not images (use 'none')")
     evaluation = _evaluation(top.table("evaluation"))
     top.unknown_keys_error()
     return ExperimentConfig(name, model, dataset, partition, clients, strategy, training, evaluation, source)
@@ -505,6 +511,7 @@ def _training(r: ParamReader) -> TrainingConfig:
         deadline_s=r.float("deadline_s", 600.0, min=0.0, exclusive_min=True),
         max_steps=r.int("max_steps", None, min=1),
         weighted_aggregation=r.bool("weighted_aggregation", True),
+        augment=r.str("augment", "none", choices=AUGMENTATIONS),
         optimizer=optimizer,
     )
     r.unknown_keys_error()

@@ -86,6 +86,7 @@ class RunSettings:
     local_epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 32
+    augment: str = "none"  # device_runtime.data.AUGMENTATIONS; stages it cannot apply to train unaugmented
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -698,7 +699,7 @@ class RoundRunner:
 
     def run(self, rnd: int, plan: RoundPlan, weights: Mapping[str, np.ndarray],
             session: RoundSession | None = None) -> list[_JobResult]:
-        from fedblocks.device_runtime.data import steps_planned
+        from fedblocks.device_runtime.data import augmentable, steps_planned
 
         s = self.exp.settings
         per_stage: dict[str, tuple[FileOnHost, dict[str, FileOnHost]]] = {}  # a round may train several stages
@@ -719,6 +720,8 @@ class RoundRunner:
                 shutil.rmtree(bundle_dir)  # left by an interrupted attempt of this round
             peer = None if session is None else session.endpoint(
                 cid, job_id, steps_planned(n, s.batch_size, job.epochs, job.max_steps))
+            # ProFL shrinking's teacher logits and SmartSplit's server half see the shard as it is
+            augment = s.augment if session is None and augmentable(self.exp.stage_specs[sid]) is None else "none"
             requests.append(JobRequest(
                 job_id=job_id, client_id=cid, round=rnd, engine=s.engine, stage=self.exp.stage_specs[sid],
                 stage_dict=self.exp.stage_dicts[sid],
@@ -726,7 +729,8 @@ class RoundRunner:
                 max_steps=job.max_steps, batch_size=s.batch_size, seed=derive_seed(s.seed, rnd, cid),
                 optimizer=OptimizerConfig(lr=job.lr, momentum=job.momentum, weight_decay=job.weight_decay),
                 budget_mb=self.exp.clients[cid].budget_mb if respects else None,
-                budget_mode=s.budget_mode, deadline_s=s.deadline_s, bundle_dir=bundle_dir, peer=peer))
+                budget_mode=s.budget_mode, deadline_s=s.deadline_s, bundle_dir=bundle_dir, augment=augment,
+                peer=peer))
         cancel = threading.Event()
         outcomes: dict[int, JobOutcome] = {}
         workers = 1 if s.testbed == "simulated" else max(1, len(requests))
@@ -1108,7 +1112,8 @@ def settings_from_config(cfg: Any) -> RunSettings:
         num_clients=c.count, testbed=c.testbed, budgets_mb=budgets, budget_mode=budget_mode, profiles=c.profiles,
         serials=c.serials, base_port=c.base_port, strategy=cfg.strategy.name,
         strategy_params=_plain_params(cfg.strategy.params), rounds=t.rounds, fraction=t.fraction,
-        local_epochs=t.local_epochs, max_steps=t.max_steps, batch_size=t.batch_size, lr=t.optimizer.lr,
+        local_epochs=t.local_epochs, max_steps=t.max_steps, batch_size=t.batch_size, augment=t.augment,
+        lr=t.optimizer.lr,
         momentum=t.optimizer.momentum, weight_decay=t.optimizer.weight_decay,
         weighted_aggregation=t.weighted_aggregation, seed=t.seed, deadline_s=t.deadline_s, engine=c.engine,
         eval_every=cfg.evaluation.every, eval_batch_size=cfg.evaluation.batch_size, label=cfg.name)

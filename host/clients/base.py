@@ -43,6 +43,7 @@ class JobRequest:
     budget_mode: str  # "footprint" (training memory above baseline) | "process" (whole RSS)
     deadline_s: float | None
     bundle_dir: Path  # where the finished (pulled) bundle must end up
+    augment: str = "none"  # device_runtime.data.AUGMENTATIONS, applied to every batch
     peer: Any = None  # host/peer.py PeerEndpoint: a server the job talks to (a strategy's round session)
 
 

@@ -73,7 +73,7 @@ class DeviceClient(ClientExecutor):
             "data": {"path": remote["data"], "sha256": request.shard.sha256},
             "init_weights": {"path": remote["init_weights"], "sha256": request.init_weights.sha256},
             "training": {"epochs": request.epochs, "max_steps": request.max_steps,
-                         "batch_size": request.batch_size, "seed": request.seed,
+                         "batch_size": request.batch_size, "seed": request.seed, "augment": request.augment,
                          "optimizer": {"name": o.name, "lr": o.lr, "momentum": o.momentum,
                                        "weight_decay": o.weight_decay}},
             "budget_mb": request.budget_mb,

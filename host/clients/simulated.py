@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedblocks.device_runtime.bundle import BundleWriter
-from fedblocks.device_runtime.data import batch_indices, load_shard, steps_planned
+from fedblocks.device_runtime.data import BatchAugmenter, batch_indices, load_shard, steps_planned
 from fedblocks.export.weights import load_weights
 from fedblocks.host.clients.base import ClientDescription, ClientExecutor, JobOutcome, JobRequest
 
@@ -106,13 +106,15 @@ class SimulatedClient(ClientExecutor):
         metrics["num_samples"] = n
         metrics["steps_planned"] = steps_planned(n, stage.batch_size, request.epochs, request.max_steps)
         input_names = [t.name for t in stage.inputs]
+        augment = BatchAugmenter(request.augment, request.seed)
         for i, idx in enumerate(batch_indices(n, stage.batch_size, request.seed, request.epochs, request.max_steps)):
             if cancel.is_set():
                 return "deadline", "cancelled by the round loop"
             if request.deadline_s is not None and time.monotonic() - t0 > request.deadline_s:
                 return "deadline", f"missed the round deadline of {request.deadline_s:.0f} s at step {i}"
             ts = time.monotonic()
-            inputs = [torch.from_numpy(np.ascontiguousarray(data[name][idx])) for name in input_names]
+            batch = augment({name: data[name][idx] for name in input_names})
+            inputs = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in input_names]
             sgd.zero_grad(set_to_none=True)
             outputs = program(*inputs)
             loss = outputs[0]

@@ -12,6 +12,7 @@ import numpy as np
 from fedblocks.host.errors import HostError
 
 DATASET_NAMES: tuple[str, ...] = ("cifar10", "fashion_mnist", "fsdd", "shakespeare")
+IMAGE_DATASETS: tuple[str, ...] = ("cifar10", "fashion_mnist")  # where crop-and-flip augmentation makes sense
 # Datasets whose samples come with their own owners (speakers, roles): partition scheme "natural".
 NATURAL_CLIENT_DATASETS: tuple[str, ...] = ("fsdd", "shakespeare")
 

@@ -95,8 +95,11 @@ def write_job(work: Path, exported: Exported, sid: str, engine: str, shard: dict
 
 
 def torch_reference(sid: str, init: dict[str, np.ndarray], shard: dict[str, np.ndarray], epochs: int | None,
-                    max_steps: int | None, seed: int = 7) -> tuple[list[float], dict[str, np.ndarray]]:
-    """Plain torch eager training of the stage program: same init, same batch order, torch.optim.SGD."""
+                    max_steps: int | None, seed: int = 7, augment: str = "none") -> tuple[list[float], dict[str, np.ndarray]]:
+    """Plain torch eager training of the stage program: same init, same batch order, torch.optim.SGD.
+
+    ``augment="crop-flip"``: each batch's images cropped from the 4-pixel zero-padded image and
+    mirrored, written here with np.pad from the draws the job contract names (docs/formats.md)."""
     import torch
 
     from fedblocks.export.pipeline import ExportSpec, build_blocked_model, stage_program
@@ -110,8 +113,17 @@ def torch_reference(sid: str, init: dict[str, np.ndarray], shard: dict[str, np.n
     names = [t.name for t in program.input_specs(BATCH)]
     n = len(shard[names[0]])
     losses: list[float] = []
+    draws = np.random.default_rng([seed, 0xA06])
     for idx in batch_indices(n, BATCH, seed, epochs, max_steps):
-        inputs = [torch.from_numpy(np.ascontiguousarray(shard[name][idx])) for name in names]
+        batch = {name: shard[name][idx] for name in names}
+        if augment == "crop-flip":
+            x = batch["x"]
+            shifts, flips = draws.integers(-4, 5, size=(len(x), 2)), draws.random(len(x)) < 0.5
+            padded = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)))
+            h, w = x.shape[2:]
+            crops = [padded[i, :, 4 + dy:4 + dy + h, 4 + dx:4 + dx + w] for i, (dy, dx) in enumerate(shifts)]
+            batch["x"] = np.stack([c[:, :, ::-1] if f else c for c, f in zip(crops, flips, strict=True)])
+        inputs = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in names]
         sgd.zero_grad(set_to_none=True)
         outputs = program(*inputs)
         outputs[0].backward()

@@ -52,6 +52,8 @@ def test_valid_tiny_job_parses(tmp_path: Path) -> None:
     (lambda j: j["training"]["optimizer"].update(lr=-1), "training.optimizer.lr"),
     (lambda j: j["training"]["optimizer"].update(name="adam"), "training.optimizer.name"),
     (lambda j: j["training"].update(threads=0), "training.threads"),
+    (lambda j: j["training"].update(augment="mixup"), "training.augment: expected one of none, crop-flip"),
+    (lambda j: j["training"].update(augment="crop-flip"), "training.augment: 'crop-flip' cannot apply to stage"),
     (lambda j: j["meters"].update(memory_hz=5), "meters.memory_hz"),
     (lambda j: j["meters"].update(energy_hz=50), "meters.energy_hz"),
     (lambda j: j["meters"].update(energy_source="monsoon"), "meters.energy_source"),

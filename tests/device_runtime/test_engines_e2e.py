@@ -66,7 +66,8 @@ def check_against_reference(exported: Exported, shard: dict[str, np.ndarray], si
     job = write_job(tmp, exported, sid, engine, shard, epochs=epochs, **job_extra)
     assert run_job(job) == EXIT_OK, _bundle(job)[0]
     _, metrics = _bundle(job)
-    ref_losses, ref_weights = torch_reference(sid, exported.init, shard, epochs, None)
+    augment = job_extra.get("training", {}).get("augment", "none")
+    ref_losses, ref_weights = torch_reference(sid, exported.init, shard, epochs, None, augment=augment)
     tol = TOL[engine]
     steps = epochs * (len(shard["y"]) // BATCH)
     assert metrics["steps"] == steps and metrics["samples_seen"] == steps * BATCH
@@ -186,6 +187,18 @@ def test_runtime_matches_torch_reference_more_stages(exported: Exported, shard: 
                                                      tmp_path: Path, sid: str, engine: str) -> None:
     check_against_reference(exported, with_teacher(shard) if sid.startswith("shrink") else shard, sid, engine,
                             tmp_path)
+
+
+@pytest.mark.parametrize("engine", ["ort", "torch"])
+def test_augmented_training_matches_torch_reference(exported: Exported, shard: dict[str, np.ndarray],
+                                                    tmp_path: Path, engine: str) -> None:
+    """training.augment = crop-flip: the runtime's batches are the reference's np.pad crops and flips."""
+    check_against_reference(exported, shard, "grow-2", engine, tmp_path, epochs=1,
+                            training={"augment": "crop-flip"})
+    # and the augmentation really changed the training: the unaugmented run ends elsewhere
+    _, plain = torch_reference("grow-2", exported.init, shard, 1, None)
+    augmented = _weights(tmp_path / "job.json")
+    assert any(not np.allclose(augmented[n], plain[n], atol=1e-3) for n in plain)
 
 
 @pytest.mark.slow

@@ -130,6 +130,7 @@ def test_defaults_fill_optional_sections(tmp_path: Path) -> None:
         ("every = 2", "every = 0", "config: evaluation.every: must be an integer >= 1, got 0"),
         ('name = "quickstart"', 'name = "my run!"', "config: name: use letters, digits"),
         ("alpha = 0.5", "alpha = -1", "config: partition.alpha: must be a number > 0, got -1"),
+        ("seed = 7", 'seed = 7\naugment = "mixup"', "config: training.augment: unknown value 'mixup' (choose none, crop-flip)"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -187,3 +188,14 @@ def test_param_reader_for_strategies() -> None:
     clean = ParamReader({"a": 1}, "strategy")
     clean.int("a")
     clean.unknown_keys_error()  # nothing unknown: no error
+
+
+def test_augmentation_is_for_image_datasets(tmp_path: Path) -> None:
+    augmented = _edit("seed = 7", 'seed = 7\naugment = "crop-flip"')
+    cfg = load_config(_write(tmp_path, augmented))
+    assert cfg.training.augment == "crop-flip" and parse_config(cfg.to_dict(), source=cfg.source) == cfg
+    audio = augmented.replace('name = "cifar10"\nfallback = "fashion_mnist"', 'name = "fsdd"')
+    with pytest.raises(HostError) as info:
+        load_config(_write(tmp_path, audio))
+    assert str(info.value) == ("config: training.augment: 'crop-flip' crops and mirrors images; "
+                               "dataset 'fsdd' is not images (use 'none')")

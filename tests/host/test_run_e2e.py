@@ -26,7 +26,9 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_virtual_phones_train_two_stages_and_match_the_simulated_testbed(tmp_path: Path) -> None:
-    virtual = run_experiment(RunSettings(**E2E, testbed="virtual", engine="torch"), tmp_path / "virtual")
+    # crop-and-flip augmentation on: the phones' runtime and the simulated clients draw the same crops
+    virtual = run_experiment(RunSettings(**E2E, testbed="virtual", engine="torch", augment="crop-flip"),
+                             tmp_path / "virtual")
     assert virtual.stages_used == ["grow-1", "grow-2"]
     assert virtual.participating_clients == 2 and virtual.rejected_results == 0
     # measured on the phones, not modelled
@@ -43,12 +45,17 @@ def test_virtual_phones_train_two_stages_and_match_the_simulated_testbed(tmp_pat
     assert all(model == "Virtual M4" and soc and abi == "arm64-v8a" and ram == 4096 and profile == "midrange"
                for _, model, soc, abi, ram, profile in devices)
     # same seed and data on the simulated testbed: the same aggregated model, up to float rounding
-    simulated = run_experiment(RunSettings(**E2E, testbed="simulated", engine="torch"), tmp_path / "simulated")
+    simulated = run_experiment(RunSettings(**E2E, testbed="simulated", engine="torch", augment="crop-flip"),
+                               tmp_path / "simulated")
     a, b = _load(tmp_path / "virtual" / "final_weights.npz"), _load(tmp_path / "simulated" / "final_weights.npz")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
     assert simulated.final_accuracy == pytest.approx(virtual.final_accuracy, abs=1 / 64)
+    # ... and the augmentation is not a no-op: without it the same run ends elsewhere
+    run_experiment(RunSettings(**E2E, testbed="simulated", engine="torch"), tmp_path / "plain")
+    c = _load(tmp_path / "plain" / "final_weights.npz")
+    assert any(not np.allclose(a[name], c[name], rtol=0, atol=1e-4) for name in a)
 
 
 class KilledMidJob(ClientExecutor):
