@@ -78,7 +78,7 @@ def empty_metrics() -> dict[str, Any]:
     """Every key metrics.json has; values stay null where a run did not get that far."""
     return {
         "engine": None, "engine_version": None, "stage_id": None, "stage_kind": None, "batch_size": None,
-        "threads": None, "num_samples": None, "steps": 0, "steps_planned": None, "samples_seen": 0,
+        "threads": None, "augment": None, "num_samples": None, "steps": 0, "steps_planned": None, "samples_seen": 0,
         "epochs_completed": 0.0, "loss": [], "step_latency_s": [], "step_cpu_s": [], "step_latency_median_s": None,
         "data_load_s": None, "model_load_s": None, "train_s": None, "wall_s": None, "cpu_s": None,
         "memory": {"baseline_rss_bytes": None, "peak_rss_bytes": None, "footprint_bytes": None,
@@ -174,7 +174,7 @@ def run_job(job_path: Path) -> int:
 def _train_supervised(job: Job, staging: Path, metrics: dict[str, Any]) -> tuple[str, str]:
     stage, root = job.stage, job.meters.sysfs_root
     metrics.update(engine=job.engine, stage_id=stage.id, stage_kind=stage.kind, batch_size=stage.batch_size,
-                   threads=job.training.threads)
+                   threads=job.training.threads, augment=job.training.augment)
     mem = metrics["memory"]
     total = stage.memory.get("total_bytes")
     engine_memory = _engine_memory(stage.memory, job.engine)

@@ -65,7 +65,7 @@ class SimulatedClient(ClientExecutor):
         staging = writer.open()
         metrics: dict[str, Any] = {"testbed": "simulated", "stage_id": request.stage.id,
                                    "stage_kind": request.stage.kind, "batch_size": request.batch_size,
-                                   "engine": "torch-eager (simulated)", "loss": [], "step_latency_s": [],
+                                   "augment": request.augment, "engine": "torch-eager (simulated)", "loss": [], "step_latency_s": [],
                                    "steps": 0, "samples_seen": 0}
         predicted = int(request.stage.memory.get("total_bytes", 0) or 0)
         metrics["memory"] = {"predicted_footprint_bytes": predicted, "footprint_bytes": None,

@@ -4,6 +4,7 @@ content-addressed pushes, the device runtime zipapp as a detached job, pulled re
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -52,6 +53,8 @@ def test_virtual_phones_train_two_stages_and_match_the_simulated_testbed(tmp_pat
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
     assert simulated.final_accuracy == pytest.approx(virtual.final_accuracy, abs=1 / 64)
+    bundles = sorted((tmp_path / "virtual" / "bundles").glob("round-*/client-*/metrics.json"))
+    assert len(bundles) == 4 and all(json.loads(b.read_text())["augment"] == "crop-flip" for b in bundles)
     # ... and the augmentation is not a no-op: without it the same run ends elsewhere
     run_experiment(RunSettings(**E2E, testbed="simulated", engine="torch"), tmp_path / "plain")
     c = _load(tmp_path / "plain" / "final_weights.npz")
