@@ -25,7 +25,7 @@ import numpy as np
 
 from . import framing, procfs
 from .data import batch_indices, load_shard, steps_planned
-from .engines.base import PINNED_MMAP_THRESHOLD, pin_mmap_threshold
+from .engines.base import PINNED_MMAP_THRESHOLD, pin_mmap_threshold, trim_heap
 from .engines.split import SplitFront, load_split_front
 from .job import Job
 from .spec import TensorSpec
@@ -143,6 +143,7 @@ def train_split(job: Job, staging: Path, progress: Any) -> None:
     model_load_s = time.monotonic() - t0
     del weights
 
+    trim_heap()  # as in trainer.train: freed load-time memory must not absorb the first allocations
     peak_reset = procfs.reset_peak("self")
     mem = procfs.read_memory("self")
     baseline = mem.rss_bytes if mem else 0

@@ -21,7 +21,7 @@ from typing import IO, Any
 import numpy as np
 
 from . import procfs
-from .data import BatchAugmenter, DataError, batch_indices, load_shard, steps_planned
+from .data import BatchAugmenter, DataError, batch_indices, load_shard
 from .engines.base import EngineError
 from .job import JobError, parse_job
 from .weights import WeightsError, load_weights, save_weights, validate_weights
@@ -67,6 +67,7 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
     data_load_s = time.monotonic() - t0
 
     from .engines import load_engine  # the engine import is part of the model-load time
+    from .engines.base import trim_heap
 
     t0 = time.monotonic()
     try:
@@ -78,10 +79,17 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
     model_load_s = time.monotonic() - t0
     del weights
 
+    # The batch order (one permutation per epoch, 8 bytes per sample) is drawn before the baseline,
+    # so the sampler's code pages are not counted as training memory.
+    order = list(batch_indices(num_samples, job.stage.batch_size, job.training.seed,
+                               job.training.epochs, job.training.max_steps))
+    augment = BatchAugmenter(job.training.augment, job.training.seed)
+
     # Peak memory from here on is the training footprint: reset VmHWM after load.
+    trim_heap()
     peak_reset = procfs.reset_peak("self")
     mem = procfs.read_memory("self")
-    planned = steps_planned(num_samples, job.stage.batch_size, job.training.epochs, job.training.max_steps)
+    planned = len(order)
     progress.emit("loaded", data_load_s=data_load_s, model_load_s=model_load_s,
                   baseline_rss_bytes=mem.rss_bytes if mem else None,
                   baseline_anon_bytes=mem.anon_bytes if mem else None, peak_reset=peak_reset,
@@ -89,9 +97,7 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
                   num_samples=num_samples, steps_planned=planned)
 
     steps = 0
-    augment = BatchAugmenter(job.training.augment, job.training.seed)
-    for i, idx in enumerate(batch_indices(num_samples, job.stage.batch_size, job.training.seed,
-                                          job.training.epochs, job.training.max_steps)):
+    for i, idx in enumerate(order):
         batch = augment({name: arr[idx] for name, arr in data.items()})
         c_start, t_start = time.process_time(), time.monotonic()
         loss = float(engine.step(batch))
@@ -100,6 +106,7 @@ def train(plan_path: Path, staging: Path, progress: Progress) -> None:
         progress.emit("step", i=i, loss=loss if finite else None, latency_s=t_end - t_start,
                       cpu_s=c_end - c_start, t_start=t_start)
         steps += 1
+        del batch  # one batch alive at a time: the next one is gathered after this one is freed
         if not finite:
             raise TrainingFailed(f"non-finite loss ({loss}) at step {i}; training stopped "
                                  "(lower the learning rate or check the data)")

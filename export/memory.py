@@ -54,6 +54,18 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def input_batch_bytes(stage: StageProgram, batch_size: int) -> int:
+    """Bytes of one step's inputs (images, labels, teacher logits) at ``batch_size``.
+
+    The device runtime gathers every batch from its shard after the baseline is taken, and ORT
+    and ExecuTorch read their inputs from the caller's buffers, so the engine plans leave it out.
+    """
+    import numpy as np
+
+    return sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+               for s in stage.input_specs(batch_size))
+
+
 class _SavedTensorCounter:
     """saved_tensors_hooks pack hook: sums the storages autograd keeps, each storage once."""
 

@@ -48,6 +48,23 @@ def pin_mmap_threshold(nbytes: int = PINNED_MMAP_THRESHOLD) -> bool:
         return False
 
 
+def trim_heap() -> bool:
+    """Hand the C allocator's free memory back to the system (glibc malloc_trim).
+
+    Called just before the baseline is taken: memory freed while loading (the weights file,
+    the engine's load-time scratch) would otherwise stay resident in the heap and silently
+    absorb the first training allocations, so the footprint would read low. False where the
+    C library has no malloc_trim.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class EngineError(RuntimeError):
     """The engine could not load or run the stage (message says which artifact/op)."""
 

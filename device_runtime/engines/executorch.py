@@ -83,8 +83,14 @@ class ExecuTorchEngine(TrainingEngine):
 
     def _live_parameters(self) -> dict[str, torch.Tensor]:
         if self._module.named_params is None:
-            zeros = [torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for t in self.stage.inputs]
-            self._run(zeros)  # warm-up: materialises named_parameters()
+            # Warm-up on zeros, through the same calls as step(): it materialises named_parameters(),
+            # and the torch code a step runs (numpy <-> tensor views) is paged in before the baseline.
+            zeros = [np.zeros(t.shape, dtype=t.dtype) for t in self.stage.inputs]
+            outputs = self._run([torch.from_numpy(z) for z in zeros])
+            for tensor in (*self._module.named_parameters().values(), *self._module.named_gradients().values(),
+                           *outputs):
+                tensor.numpy()
+            float(outputs[0])
         params = self._module.named_parameters()
         absent = [n for n in self._trainable if n not in params]
         if absent:

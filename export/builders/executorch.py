@@ -170,14 +170,19 @@ def predict_memory(stage: nn.Module, files: dict[str, Path], batch_size: int) ->
     adapter loads the program and runs its warm-up step before the baseline is taken, so
     those buffers are in the baseline RSS, not in the footprint (they are in total_bytes).
     What a step adds is the gradients the training module hands out as fresh tensors each
-    step (a transient of exactly the gradient bytes, measured on ResNet-18 stages) and,
-    with momentum, one gradient-sized buffer per trainable tensor.
+    step (a transient of exactly the gradient bytes, measured on ResNet-18 stages), the
+    step's input batch, which the runtime gathers from the shard, and, with momentum, one
+    gradient-sized buffer per trainable tensor.
     """
+    from fedblocks.export.memory import input_batch_bytes
+
     trainable = [t for t in stage.parameters() if t.requires_grad]
     grads = sum(t.numel() * t.element_size() for t in trainable)
     params = sum(t.numel() * t.element_size() for t in (*stage.parameters(), *stage.buffers()))
     planned = planned_memory_bytes(files["program"])
     scratch = 4 * sgd_scratch_floats([t.numel() for t in trainable])  # the runtime's one-chunk SGD scratch
-    return {"method": "executorch-memory-plan", "footprint_bytes": grads, "momentum_bytes": grads,
-            "total_bytes": params + planned + scratch + grads,
-            "detail": {"planned_bytes": planned, "gradient_outputs_bytes": grads, "sgd_scratch_bytes": scratch}}
+    batch = input_batch_bytes(stage, batch_size)
+    return {"method": "executorch-memory-plan", "footprint_bytes": grads + batch, "momentum_bytes": grads,
+            "total_bytes": params + planned + scratch + grads + batch,
+            "detail": {"planned_bytes": planned, "gradient_outputs_bytes": grads, "input_batch_bytes": batch,
+                       "sgd_scratch_bytes": scratch}}

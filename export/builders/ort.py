@@ -326,13 +326,15 @@ def predict_memory(stage: Any, files: dict[str, Path], batch_size: int) -> dict[
     """``memory.engines.ort`` (docs/formats.md): what training this stage costs on the device runtime's ORT adapter.
 
     - ``footprint_bytes`` (peak - baseline RSS of a step, plain SGD): the arena growth of
-      one step by ORT's allocation plan (``memory_ort.plan_training_step``);
+      one step by ORT's allocation plan (``memory_ort.plan_training_step``) and the step's
+      input batch, which the runtime gathers from the shard (graph inputs are not in the plan);
     - ``momentum_bytes``: SGD momentum buffers, one per trainable tensor (numpy, allocated
       at the first step);
     - ``total_bytes``: everything the stage holds beyond the engine's own code: every stage
       tensor (checkpoint), the gradient accumulation buffers and the SGD scratch (ORT and
       the adapter allocate them at load, so they are in the baseline), and the footprint.
     """
+    from fedblocks.export.memory import input_batch_bytes
     from fedblocks.export.memory_ort import optimized_training_graph, plan_training_step
 
     plan = plan_training_step(optimized_training_graph(files["training_model"], files["checkpoint"]))
@@ -340,8 +342,11 @@ def predict_memory(stage: Any, files: dict[str, Path], batch_size: int) -> dict[
     grads = sum(t.numel() * t.element_size() for t in trainable)
     params = sum(t.numel() * t.element_size() for t in (*stage.parameters(), *stage.buffers()))
     scratch = 4 * sgd_scratch_floats([t.numel() for t in trainable])  # the runtime's one-chunk SGD scratch
-    detail = {**plan.detail(), "gradient_buffers_bytes": grads, "sgd_scratch_bytes": scratch}
+    batch = input_batch_bytes(stage, batch_size)
+    detail = {**plan.detail(), "input_batch_bytes": batch, "gradient_buffers_bytes": grads,
+              "sgd_scratch_bytes": scratch}
     if plan.unmodelled_ops:
         detail["unmodelled_ops"] = len(plan.unmodelled_ops)
-    return {"method": "ort-allocation-plan", "footprint_bytes": plan.step_bytes, "momentum_bytes": grads,
-            "total_bytes": params + grads + scratch + plan.step_bytes, "detail": detail}
+    footprint = plan.step_bytes + batch
+    return {"method": "ort-allocation-plan", "footprint_bytes": footprint, "momentum_bytes": grads,
+            "total_bytes": params + grads + scratch + footprint, "detail": detail}

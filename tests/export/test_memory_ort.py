@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
@@ -169,13 +170,18 @@ def test_manifest_records_each_engines_prediction(resnet8_export: Path) -> None:
 
     manifest = Manifest.load(resnet8_export / "manifest.json")
     for stage in manifest.stages:
+        # one step's inputs (images, labels, teacher logits), which ORT and ExecuTorch read from the caller
+        batch = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in stage.inputs)
+        assert batch >= 4 * 3 * 32 * 32 * 4  # at least the image batch (ResNet-8 at batch 4 here)
         ort, torch_ = stage.memory.engines["ort"], stage.memory.engines["torch"]
         assert ort.method == "ort-allocation-plan" and ort.footprint_bytes > 0
-        assert ort.detail["arena_bytes"] == ort.footprint_bytes
+        assert ort.detail["input_batch_bytes"] == batch
+        assert ort.footprint_bytes == ort.detail["arena_bytes"] + batch
         assert ort.momentum_bytes == stage.memory.grads_bytes
         assert torch_.footprint_bytes == stage.memory.grads_bytes + stage.memory.activations_bytes
         et = stage.memory.engines["executorch"]
-        assert et.method == "executorch-memory-plan" and et.footprint_bytes == stage.memory.grads_bytes
+        assert et.method == "executorch-memory-plan" and et.footprint_bytes == stage.memory.grads_bytes + batch
+        assert et.detail["input_batch_bytes"] == batch
         assert et.detail["planned_bytes"] > 0 and et.total_bytes > et.detail["planned_bytes"]
         assert stage.memory.engines == Manifest.from_dict(manifest.to_dict()).stage(stage.id).memory.engines
 
