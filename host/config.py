@@ -263,6 +263,9 @@ class TrainingConfig:
     max_steps: int | None = None  # optional cap on local steps per job
     weighted_aggregation: bool = True  # FedAvg weights by sample count (False: unweighted, as ProFL's code)
     augment: str = "none"  # "crop-flip": random 4-pixel crop + horizontal flip of every training batch
+    # torch intra-op threads of the host process (simulated clients, SmartSplit server segments,
+    # evaluation); None: torch's default, recorded in the checkpoint so a resume keeps it
+    host_threads: int | None = None
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
 
 
@@ -512,6 +515,7 @@ def _training(r: ParamReader) -> TrainingConfig:
         max_steps=r.int("max_steps", None, min=1),
         weighted_aggregation=r.bool("weighted_aggregation", True),
         augment=r.str("augment", "none", choices=AUGMENTATIONS),
+        host_threads=r.int("host_threads", None, min=1),
         optimizer=optimizer,
     )
     r.unknown_keys_error()

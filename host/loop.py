@@ -97,6 +97,7 @@ class RunSettings:
     eval_every: int = 1
     eval_max_samples: int | None = None
     eval_batch_size: int = 256
+    host_threads: int | None = None  # torch threads of this process; None: torch's default, kept on resume
     label: str = ""
 
     def fingerprint(self) -> str:
@@ -105,6 +106,8 @@ class RunSettings:
         d.pop("label", None)
         d.pop("serials", None)
         d.pop("base_port", None)
+        if d.get("host_threads") is None:  # unset: fingerprints stay those of runs made before the field
+            d.pop("host_threads", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -949,12 +952,18 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
         progress.message(f"resuming after round {done}")
     recorder = Recorder(run_dir, store_config, settings, resume)
     (run_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=1, default=str), encoding="utf-8")
+    # the thread count sets torch's float summation order, so a resume keeps the one the run began with
+    threads_before = torch.get_num_threads()
+    history["host_threads"] = int(settings.host_threads or history.get("host_threads") or threads_before)
+    torch.set_num_threads(history["host_threads"])
     status = "failed"
     try:
         build_executors(exp, progress)
         if wrap_executor is not None:
             exp.executors = {cid: wrap_executor(ex) for cid, ex in exp.executors.items()}
         recorder.devices(exp)
+        recorder.event(start_round - 1, "host_threads", f"host torch threads: {history['host_threads']}"
+                       + (" (kept from the run's start)" if resume else ""), {"threads": history["host_threads"]})
         runner = RoundRunner(exp, recorder, progress)
         progress.run_started(settings.rounds, f"{settings.strategy} on {settings.testbed}")
         stages_seen = recorder.stages()
@@ -1070,6 +1079,7 @@ def run_experiment(config: Any, run_dir: Path, resume: bool = False, progress: P
     finally:
         exp.close()
         recorder.close(status)
+        torch.set_num_threads(threads_before)
     _atomic_write_bytes(run_dir / "final_weights.npz", _weights_bytes(weights))
     strategy = exp.strategy
     used = history["stages_used"]
@@ -1113,7 +1123,7 @@ def settings_from_config(cfg: Any) -> RunSettings:
         serials=c.serials, base_port=c.base_port, strategy=cfg.strategy.name,
         strategy_params=_plain_params(cfg.strategy.params), rounds=t.rounds, fraction=t.fraction,
         local_epochs=t.local_epochs, max_steps=t.max_steps, batch_size=t.batch_size, augment=t.augment,
-        lr=t.optimizer.lr,
+        host_threads=t.host_threads, lr=t.optimizer.lr,
         momentum=t.optimizer.momentum, weight_decay=t.optimizer.weight_decay,
         weighted_aggregation=t.weighted_aggregation, seed=t.seed, deadline_s=t.deadline_s, engine=c.engine,
         eval_every=cfg.evaluation.every, eval_batch_size=cfg.evaluation.batch_size, label=cfg.name)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import textwrap
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -131,6 +134,7 @@ def test_defaults_fill_optional_sections(tmp_path: Path) -> None:
         ('name = "quickstart"', 'name = "my run!"', "config: name: use letters, digits"),
         ("alpha = 0.5", "alpha = -1", "config: partition.alpha: must be a number > 0, got -1"),
         ("seed = 7", 'seed = 7\naugment = "mixup"', "config: training.augment: unknown value 'mixup' (choose none, crop-flip)"),
+        ("seed = 7", "seed = 7\nhost_threads = 0", "config: training.host_threads: must be an integer >= 1, got 0"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -188,6 +192,21 @@ def test_param_reader_for_strategies() -> None:
     clean = ParamReader({"a": 1}, "strategy")
     clean.int("a")
     clean.unknown_keys_error()  # nothing unknown: no error
+
+
+def test_host_threads_reach_the_run_settings(tmp_path: Path) -> None:
+    from fedblocks.host.loop import settings_from_config
+
+    cfg = load_config(_write(tmp_path, _edit("seed = 7", "seed = 7\nhost_threads = 3")))
+    assert cfg.training.host_threads == 3 and parse_config(cfg.to_dict(), source=cfg.source) == cfg
+    assert settings_from_config(cfg).host_threads == 3
+    unset = settings_from_config(load_config(_write(tmp_path, QUICKSTART)))
+    assert unset.host_threads is None
+    # unset, the field leaves the fingerprint as it was before the field existed, so runs made
+    # then still resume; set, it is part of the experiment
+    before = {k: v for k, v in asdict(unset).items() if k not in ("label", "serials", "base_port", "host_threads")}
+    assert unset.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()
+    assert unset.fingerprint() != replace(unset, host_threads=1).fingerprint()
 
 
 def test_augmentation_is_for_image_datasets(tmp_path: Path) -> None:

@@ -59,6 +59,34 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path) -> 
         run_experiment(other, tmp_path / "split", resume=True)
 
 
+def test_resume_keeps_the_host_thread_count_the_run_began_with(tmp_path: Path) -> None:
+    # torch's thread count sets its float summation order: a resume in a process with another
+    # default must train with the count the run started with, or it would end elsewhere
+    import torch
+
+    settings = RunSettings(**TINY, strategy="fedavg", rounds=3)
+    default = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = run_experiment(settings, tmp_path / "full")
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(settings, tmp_path / "split", progress=StopAfter(1))
+        torch.set_num_threads(1)
+        resumed = run_experiment(settings, tmp_path / "split", resume=True)
+        assert torch.get_num_threads() == 1  # the run gives the process its own count back
+    finally:
+        torch.set_num_threads(default)
+    assert resumed.weights_sha256 == full.weights_sha256
+    db = sqlite3.connect(tmp_path / "split" / "run.sqlite")
+    events = [(json.loads(d)["round"], json.loads(d)["threads"], m)
+              for m, d in db.execute("SELECT message, data_json FROM events WHERE kind = 'host_threads' ORDER BY id")]
+    assert events == [(0, 2, "host torch threads: 2"), (1, 2, "host torch threads: 2 (kept from the run's start)")]
+    # given in the settings, the count is part of the experiment: another one is another run
+    with pytest.raises(HostError, match="config differs"):
+        run_experiment(RunSettings(**TINY, strategy="fedavg", rounds=3, host_threads=1), tmp_path / "split",
+                       resume=True)
+
+
 def test_fedavg_run_records_rounds_jobs_and_summary(tmp_path: Path) -> None:
     settings = RunSettings(**TINY, strategy="fedavg", rounds=2, budgets_mb=(5.0, 5.0, 5.0))
     summary = run_experiment(settings, tmp_path / "run")

@@ -235,3 +235,8 @@ def test_accuracy_benchmark_budgets_put_half_the_clients_below_the_full_model() 
     few = bench.assign_budgets(20, full, seed=0, fit_fraction=0.1)
     assert sum(b >= full for b in few) == 2 and all(0.5 * full <= b <= 1.5 * full for b in few)
     assert sum(b >= full for b in bench.assign_budgets(20, full, seed=0, fit_fraction=1.0)) == 20
+    # target 1 against the unconstrained reference: ExclusiveFL + 10 points - FedAvg
+    assert bench.target_1_over_fedavg({"fedavg": 0.496, "exclusivefl": 0.435, "profl": 0.499}) == pytest.approx(0.039)
+    assert bench.target_1_over_fedavg({"fedavg": 0.496, "exclusivefl": 0.353}) == pytest.approx(-0.043)
+    assert bench.target_1_over_fedavg({"fedavg": 0.496, "profl": 0.5}) is None
+    assert bench.target_1_over_fedavg({"fedavg": None, "exclusivefl": 0.4}) is None
