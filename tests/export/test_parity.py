@@ -176,6 +176,8 @@ def check_parity(export_dir: Path, stage_id: str, engine_name: str) -> None:
             np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, err_msg=f"{engine_name} {stage_id} step {step} loss")
             got = engine.get_weights()
             assert set(got) == set(ref_tensors)
+            # shapes first: the error measures below would broadcast a wrong-shaped tensor
+            assert {n: got[n].shape for n in got} == {n: r.shape for n, r in ref_tensors.items()}
             problem = float32_mismatch(got, ref_tensors, step)
             if problem is not None:
                 # Float32 itself may miss these bounds: deep BatchNorms over a few values make a step
@@ -191,8 +193,9 @@ def check_parity(export_dir: Path, stage_id: str, engine_name: str) -> None:
                 engine_err, eager_err = relative_l2(got, ref64), relative_l2(ref_tensors, ref64)
                 assert engine_err <= max(1e-4, eager_err), (
                     f"{where} the engine is {engine_err:.2e} off, torch float32 {eager_err:.2e}")
-                for name in ref64:
-                    one_engine, one_eager = relative_l2(got, {name: ref64[name]}), relative_l2(ref_tensors, {name: ref64[name]})
+                for name, exact_tensor in ref64.items():
+                    one_engine = relative_l2(got, {name: exact_tensor})
+                    one_eager = relative_l2(ref_tensors, {name: exact_tensor})
                     assert one_engine <= max(1e-2, one_eager), (
                         f"{where} {name} is {one_engine:.2e} off, torch float32 {one_eager:.2e}")
         # Training moved the weights (so the comparison above is not vacuous) ...
